@@ -1,0 +1,74 @@
+"""Checkpoint IO: atomic local writes, and the run-directory guard.
+
+A checkpoint is first written to a temporary file in the same directory, flushed to disk
+(``fsync``) and then renamed over the target, so a crash or a kill never leaves a half-written
+``.ckpt``. Remote URLs go through Lightning's own (transactional) writer.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` through a temporary file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+def existing_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    d = Path(run_dir) / "checkpoints"
+    return sorted(d.glob("*.ckpt")) if d.is_dir() else []
+
+
+def resolve_resume(run_dir: str | os.PathLike, resume: bool | str) -> Optional[str]:
+    """Which checkpoint to resume from; refuses to reuse a run directory silently.
+
+    * ``resume`` false and ``run_dir`` already holds checkpoints: error (nothing is overwritten).
+    * ``resume`` true: ``run_dir/checkpoints/last.ckpt`` (error if absent).
+    * ``resume`` a path: that file (error if absent).
+    """
+    if resume is False or resume in ("", "false", "False", None):
+        found = existing_checkpoints(run_dir)
+        if found:
+            raise FileExistsError(
+                f"run directory '{run_dir}' already holds checkpoints ({found[0].name}, ...): pass "
+                "--trainer.resume true to continue that run, or choose another --trainer.out_dir. Nothing was overwritten."
+            )
+        return None
+    if resume is True or resume in ("true", "True", "last"):
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"--trainer.resume true, but there is no '{last}' to resume from")
+        return str(last)
+    p = Path(str(resume))
+    if not p.is_file():
+        raise FileNotFoundError(f"resume checkpoint '{p}' does not exist")
+    return str(p)

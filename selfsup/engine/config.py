@@ -1,0 +1,145 @@
+"""Typed configuration of a pretraining run (read by jsonargparse from YAML and the command line).
+
+Every field is typed and documented; an unknown key is an error that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how views are made.
+
+    Attributes:
+        dataset: ``cifar10``, ``cifar100``, ``stl10``, ``imagenet``, ``imagenet100``, ``folder`` or ``demo``
+            (the CIFAR-10 sample shipped in the package).
+        root: torchvision root, or an ImageFolder directory / ``.zip`` / ``.tar``.
+        download: let torchvision download (never implicit).
+        train_split: split used for pretraining (STL-10: ``train+unlabeled``).
+        bank_split: labelled split used as the kNN bank and probe training set.
+        test_split: split scored by the kNN monitor.
+        class_list: class-name file restricting the classes (ImageNet-100).
+        batch_size: images per step **per device** (each gives ``views`` views).
+        views: views per image (V).
+        augment: augmentation preset (``selfsup.data.transforms.PRESETS``).
+        view_mode: ``per_image`` (torchvision transforms in loader workers) or ``batched``
+            (one vectorised op for the whole batch, on the training device).
+        in_memory: decode the whole split once into a uint8 tensor (small datasets).
+        image_size: decode/resize size for ``in_memory`` / ``batched`` (default: the preset's crop size).
+        num_workers: loader worker processes.
+        skip_corrupt: drop undecodable images (reported) instead of failing.
+        subset: use only the first N images of the (shuffled, fixed-seed) train split.
+    """
+
+    dataset: str = "cifar10"
+    root: Optional[str] = None
+    download: bool = False
+    train_split: str = "train"
+    bank_split: str = "train"
+    test_split: str = "test"
+    class_list: Optional[str] = None
+    batch_size: int = 256
+    views: int = 2
+    augment: str = "cifar10"
+    view_mode: Literal["per_image", "batched"] = "per_image"
+    in_memory: bool = False
+    image_size: Optional[int] = None
+    num_workers: int = 4
+    skip_corrupt: bool = False
+    subset: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (per step).
+
+    Attributes:
+        name: ``adam``, ``adamw``, ``sgd`` or ``lars``.
+        lr: base learning rate (before batch scaling).
+        scale_lr: ``linear`` gives ``lr * global_batch / 256`` (global batch = images per step over all devices).
+        weight_decay: decoupled for adamw, L2 otherwise.
+        exclude_1d: keep 1-D parameters (biases, BN) out of weight decay (always so for LARS, also out of adaptation).
+        momentum: SGD / LARS momentum.
+        eta: LARS trust coefficient.
+        schedule: ``cosine`` (warm-up then half-cosine) or ``constant`` (warm-up then flat).
+        warmup_epochs: linear warm-up length, per step; the first step already has a non-zero lr.
+        final_lr_ratio: cosine end value as a fraction of the peak.
+    """
+
+    name: Literal["adam", "adamw", "sgd", "lars"] = "adam"
+    lr: float = 1e-3
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"
+    weight_decay: float = 1e-6
+    exclude_1d: bool = False
+    momentum: float = 0.9
+    eta: float = 0.001
+    schedule: Literal["cosine", "constant"] = "constant"
+    warmup_epochs: float = 0.0
+    final_lr_ratio: float = 0.0
+
+
+@dataclass
+class MonitorConfig:
+    """Online kNN monitor (backbone features, cosine, top-k weighted vote).
+
+    Attributes:
+        every_n_epochs: run after every N-th epoch (0 = off) and at the end of training.
+        k: neighbours.
+        temperature: weights ``exp(sim / T)``.
+        bank_size: limit the bank to the first N bank-split images (None = whole split).
+        test_size: limit the queries to the first N test images (None = whole split).
+        batch_size: feature-extraction batch per device.
+    """
+
+    every_n_epochs: int = 1
+    k: int = 200
+    temperature: float = 0.5
+    bank_size: Optional[int] = None
+    test_size: Optional[int] = None
+    batch_size: int = 512
+
+
+@dataclass
+class TrainerConfig:
+    """Run-level settings, passed to Lightning.
+
+    Attributes:
+        out_dir: run directory (checkpoints, logs, resolved config). Never overwritten: a directory with
+            checkpoints needs ``resume``.
+        max_epochs: epochs (the lr schedule spans them).
+        max_time: optional wall-clock stop, ``DD:HH:MM:SS``.
+        accelerator, devices, num_nodes, strategy: as in Lightning (``ddp`` for many GPUs / nodes).
+        precision: ``32-true``, ``bf16-mixed``, ``16-mixed``; the losses run in fp32 regardless.
+        sync_batchnorm: convert BatchNorm to SyncBatchNorm under DDP.
+        channels_last: NHWC memory format (faster convolutions on CPU and recent GPUs).
+        seed: global seed (data order, augmentation and init).
+        save_every_n_epochs: checkpoint period; ``last.ckpt`` is always kept up to date.
+        save_every_n_steps: optional extra step-based checkpoints (0 = off).
+        resume: ``true`` continues from ``out_dir``'s ``last.ckpt``; a path continues from that file.
+        logger: ``csv``, ``tensorboard``, ``wandb`` or ``none``.
+        log_every_n_steps: logging period.
+        progress_bar: show a progress bar.
+        accumulate_grad_batches: gradient accumulation (the loss still sees one step's batch).
+    """
+
+    out_dir: str = "runs/pretrain"
+    max_epochs: int = 100
+    max_time: Optional[str] = None
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    sync_batchnorm: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    save_every_n_epochs: int = 1
+    save_every_n_steps: int = 0
+    resume: Union[bool, str] = False
+    logger: Literal["csv", "tensorboard", "wandb", "none"] = "csv"
+    log_every_n_steps: int = 20
+    progress_bar: bool = True
+    accumulate_grad_batches: int = 1

@@ -1,0 +1,135 @@
+"""Assemble and run a pretraining job: data module + SelfSupModule + callbacks + Lightning Trainer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from torch.utils.data import DataLoader
+
+from selfsup.data.build import build_eval_dataset, build_train_views, num_classes
+from selfsup.data.sampler import ShardedEpochSampler
+from selfsup.engine.callbacks import KNNMonitor
+from selfsup.engine.checkpoint import AtomicCheckpointIO, resolve_resume
+from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
+from selfsup.engine.module import SelfSupModule
+from selfsup.methods.base import Method
+
+
+class SelfSupData(L.LightningDataModule):
+    """Training loader: views of ``data.train_split``, seeded order, sharded by rank, full batches."""
+
+    def __init__(self, cfg: DataConfig, seed: int, dataset=None):
+        super().__init__()
+        self.cfg, self.seed, self.dataset = cfg, seed, dataset
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        n = len(self.dataset)
+        if n // world < self.cfg.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.cfg.batch_size} per device is larger than the {n // world} training images "
+                f"each of the {world} process(es) gets; lower data.batch_size"
+            )
+        sampler = ShardedEpochSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world)
+        workers = self.cfg.num_workers
+        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def _logger(cfg: TrainerConfig):
+    if cfg.logger == "none":
+        return False
+    if cfg.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(cfg.out_dir, name="logs", version="")
+    if cfg.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(cfg.out_dir, name="logs", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(save_dir=cfg.out_dir)
+
+
+def pretrain(
+    method: Method,
+    data: DataConfig,
+    optim: OptimConfig,
+    trainer: TrainerConfig,
+    monitor: MonitorConfig,
+    config: Optional[dict] = None,
+    extra_callbacks: Sequence[L.Callback] = (),
+) -> dict[str, Any]:
+    """Pretrain ``method``; returns ``{"run_dir", "last_checkpoint", "knn": [...]}``.
+
+    The run directory gets ``config.yaml``-equivalent ``config.json``, ``checkpoints/`` and ``logs/``.
+    """
+    out = Path(trainer.out_dir)
+    ckpt_path = resolve_resume(out, trainer.resume)  # fails before any work when the run dir is taken
+    L.seed_everything(trainer.seed, workers=True, verbose=False)
+    train_ds, view_gen = build_train_views(data, seed=trainer.seed)
+    meta = {"config": config or {}, "batch_size": data.batch_size, "augment": data.augment,
+            "dataset": data.dataset, "root": data.root, "views": data.views}
+    module = SelfSupModule(method, optim, view_generator=view_gen, seed=trainer.seed,
+                           channels_last=trainer.channels_last, meta=meta)
+    if trainer.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch:04d}", auto_insert_metric_name=False,
+                        every_n_epochs=trainer.save_every_n_epochs, save_top_k=-1, save_last=True),
+    ]
+    if trainer.save_every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}",
+                                         auto_insert_metric_name=False, every_n_train_steps=trainer.save_every_n_steps,
+                                         save_top_k=-1))
+    knn = None
+    if monitor.every_n_epochs:
+        bank = build_eval_dataset(data, data.bank_split, limit=monitor.bank_size)
+        test = build_eval_dataset(data, data.test_split, limit=monitor.test_size)
+        knn = KNNMonitor(bank, test, num_classes(bank), every_n_epochs=monitor.every_n_epochs, k=monitor.k,
+                         temperature=monitor.temperature, batch_size=monitor.batch_size,
+                         num_workers=0 if data.in_memory else data.num_workers)
+        callbacks.append(knn)
+    if trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, trainer.log_every_n_steps // 4)))
+    callbacks.extend(extra_callbacks)
+
+    pl_trainer = L.Trainer(
+        default_root_dir=str(out),
+        max_epochs=trainer.max_epochs,
+        max_time=trainer.max_time,
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=trainer.strategy,
+        precision=trainer.precision,
+        sync_batchnorm=trainer.sync_batchnorm,
+        logger=_logger(trainer),
+        callbacks=callbacks,
+        log_every_n_steps=trainer.log_every_n_steps,
+        enable_progress_bar=trainer.progress_bar,
+        enable_model_summary=False,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
+    )
+    if pl_trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config or {
+            "data": asdict(data), "optim": asdict(optim), "trainer": asdict(trainer), "monitor": asdict(monitor)},
+            indent=2, default=str))
+    pl_trainer.fit(module, datamodule=SelfSupData(data, trainer.seed, train_ds), ckpt_path=ckpt_path)
+    last = out / "checkpoints" / "last.ckpt"
+    return {"run_dir": str(out), "last_checkpoint": str(last) if last.exists() else None,
+            "knn": knn.history if knn else [], "module": module}
