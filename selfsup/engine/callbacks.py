@@ -48,6 +48,12 @@ class KNNMonitor(L.Callback):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.history: list[dict] = []
 
+    def state_dict(self) -> dict:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
     def _loader(self, ds: Dataset, rank: int, world: int) -> DataLoader:
         shard = Subset(ds, list(range(rank, len(ds), world)))
         return DataLoader(shard, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

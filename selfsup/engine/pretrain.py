@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -72,6 +73,8 @@ def pretrain(
 
     The run directory gets ``config.yaml``-equivalent ``config.json``, ``checkpoints/`` and ``logs/``.
     """
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     out = Path(trainer.out_dir)
     ckpt_path = resolve_resume(out, trainer.resume)  # fails before any work when the run dir is taken
     L.seed_everything(trainer.seed, workers=True, verbose=False)
