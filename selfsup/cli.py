@@ -115,7 +115,7 @@ def _demo_parser() -> ArgumentParser:
     p = ArgumentParser(description="Pretrain MMCR on the CIFAR-10 sample shipped in the package and evaluate it.",
                        exit_on_error=False)
     p.add_argument("--out_dir", type=Optional[str], default=None, help="default: runs/demo-<time>")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--progress_bar", type=bool, default=True)
     return p
 

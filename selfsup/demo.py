@@ -19,14 +19,14 @@ from selfsup.eval.knn import knn_accuracy
 from selfsup.eval.linear import linear_probe_cached
 from selfsup.methods import MMCR, BackboneConfig
 
-DEMO_BACKBONE = BackboneConfig(name="resnet18", cifar_stem=True, width=32)
+DEMO_BACKBONE = BackboneConfig(name="resnet10", cifar_stem=True, width=32)
 
 
 def demo_configs(out_dir: str, epochs: int, progress_bar: bool = True):
     data = DataConfig(dataset="demo", batch_size=64, views=4, augment="cifar10", view_mode="batched",
                       in_memory=True, num_workers=0)
     optim = OptimConfig(name="adam", lr=2e-3, weight_decay=1e-6, schedule="cosine", warmup_epochs=0.5)
-    trainer = TrainerConfig(out_dir=out_dir, max_epochs=epochs, channels_last=True, logger="csv",
+    trainer = TrainerConfig(out_dir=out_dir, max_epochs=epochs, channels_last=True, logger="csv", precision="auto",
                             progress_bar=progress_bar, log_every_n_steps=10, save_every_n_epochs=epochs)
     monitor = MonitorConfig(every_n_epochs=0)
     return data, optim, trainer, monitor
@@ -46,7 +46,7 @@ def evaluate(backbone: torch.nn.Module, data: DataConfig, probe_epochs: int = 30
             "linear_top5": probe.test_top5}
 
 
-def demo(out_dir: Optional[str] = None, epochs: int = 8, progress_bar: bool = True, seed: int = 0) -> dict:
+def demo(out_dir: Optional[str] = None, epochs: int = 10, progress_bar: bool = True, seed: int = 0) -> dict:
     from selfsup.engine.pretrain import pretrain
 
     torch.manual_seed(seed)

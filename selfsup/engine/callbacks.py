@@ -73,7 +73,7 @@ class KNNMonitor(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        last = epoch >= (trainer.max_epochs or 0)
+        last = epoch >= (trainer.max_epochs or 0) or (0 < trainer.max_steps <= trainer.global_step)
         if not self.every_n_epochs or (epoch % self.every_n_epochs and not last):
             return
         res = self.evaluate(pl_module.method.backbone, pl_module.device, trainer.global_rank, trainer.world_size)

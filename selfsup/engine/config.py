@@ -110,9 +110,11 @@ class TrainerConfig:
         out_dir: run directory (checkpoints, logs, resolved config). Never overwritten: a directory with
             checkpoints needs ``resume``.
         max_epochs: epochs (the lr schedule spans them).
+        max_steps: stop after this many optimiser steps instead (-1 = off); the schedule then spans them.
         max_time: optional wall-clock stop, ``DD:HH:MM:SS``.
         accelerator, devices, num_nodes, strategy: as in Lightning (``ddp`` for many GPUs / nodes).
-        precision: ``32-true``, ``bf16-mixed``, ``16-mixed``; the losses run in fp32 regardless.
+        precision: ``32-true``, ``bf16-mixed``, ``16-mixed``, or ``auto`` (bf16-mixed where the device computes
+            bf16 natively: CUDA with bf16, or a CPU with AVX-512-BF16/AMX; else 32-true). Losses run in fp32 regardless.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm under DDP.
         channels_last: NHWC memory format (faster convolutions on CPU and recent GPUs).
         seed: global seed (data order, augmentation and init).
@@ -127,6 +129,7 @@ class TrainerConfig:
 
     out_dir: str = "runs/pretrain"
     max_epochs: int = 100
+    max_steps: int = -1
     max_time: Optional[str] = None
     accelerator: str = "auto"
     devices: Union[int, str] = "auto"

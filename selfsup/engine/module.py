@@ -68,13 +68,18 @@ class SelfSupModule(L.LightningModule):
         if self.channels_last:
             b, v = views.shape[:2]
             views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
-        out = self.method.training_loss(views)
+        hint = ("lower the learning rate, use fp32 (--trainer.precision 32-true) or check the data; "
+                "checkpoints already written are left untouched")
+        self.method.step, self.method.max_steps = self.global_step, int(self.trainer.estimated_stepping_batches)
+        try:
+            out = self.method.training_loss(views)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"non-finite values at step {self.global_step}, epoch {self.current_epoch}: {e}; "
+                                     f"{hint}") from e
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}, epoch {self.current_epoch}; "
-                "lower the learning rate, use fp32 (trainer.precision=32-true) or check the data. "
-                "The last checkpoint was left untouched."
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}, epoch {self.current_epoch}; {hint}"
             )
         logs = {f"train/{k}": v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
         logs["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
@@ -83,8 +88,9 @@ class SelfSupModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Lightning increments global_step after the optimiser step, i.e. before this hook.
-        self.method.on_train_step_end(self.global_step, int(self.trainer.estimated_stepping_batches))
+        # Only after a real optimiser step (gradient accumulation); global_step already counts it.
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.method.on_train_step_end(self.global_step, int(self.trainer.estimated_stepping_batches))
 
     def global_batch_size(self, images_per_device: int) -> int:
         t = self.trainer
@@ -107,7 +113,10 @@ class SelfSupModule(L.LightningModule):
             exclude_1d=exclude_1d,
         )
         total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs))
+        steps_per_epoch = self.trainer.num_training_batches
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        steps_per_epoch = max(1, steps_per_epoch // self.trainer.accumulate_grad_batches)
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
         scheduler = build_scheduler(optimizer, total, warmup, cfg.final_lr_ratio, cfg.schedule)
         self.meta["peak_lr"] = lr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from torch.utils.data import DataLoader
 
+from selfsup.data.batched import BatchedViews
 from selfsup.data.build import build_eval_dataset, build_train_views, num_classes
+from selfsup.data.transforms import as_pipelines, get_preset
 from selfsup.data.sampler import ShardedEpochSampler
 from selfsup.engine.callbacks import KNNMonitor
 from selfsup.engine.checkpoint import AtomicCheckpointIO, resolve_resume
@@ -44,6 +47,33 @@ class SelfSupData(L.LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
 
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``auto`` -> ``bf16-mixed`` when the device has native bf16 compute, else ``32-true``."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16-mixed" if native else "32-true"
+
+
+def _check_resumable(ckpt_path: str, method: Method) -> None:
+    """Fail before any work when the checkpoint cannot continue this run."""
+    from selfsup.eval.load import checkpoint_meta
+
+    meta = checkpoint_meta(ckpt_path)
+    if not meta:
+        raise ValueError(f"'{ckpt_path}' was not written by selfsup pretrain (no 'selfsup' entry); cannot resume from it")
+    if meta["backbone_config"] != method.backbone_config or meta["method"] != type(method).__name__:
+        raise ValueError(
+            f"'{ckpt_path}' holds {meta['method']} with backbone {meta['backbone_config']}, which differs from the "
+            f"configured {type(method).__name__} with {method.backbone_config}; resume with the run's own config"
+        )
+
+
 def _logger(cfg: TrainerConfig):
     if cfg.logger == "none":
         return False
@@ -68,6 +98,7 @@ def pretrain(
     monitor: MonitorConfig,
     config: Optional[dict] = None,
     extra_callbacks: Sequence[L.Callback] = (),
+    train_dataset=None,
 ) -> dict[str, Any]:
     """Pretrain ``method``; returns ``{"run_dir", "last_checkpoint", "knn": [...]}``.
 
@@ -77,8 +108,14 @@ def pretrain(
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     out = Path(trainer.out_dir)
     ckpt_path = resolve_resume(out, trainer.resume)  # fails before any work when the run dir is taken
+    if ckpt_path is not None:
+        _check_resumable(ckpt_path, method)
     L.seed_everything(trainer.seed, workers=True, verbose=False)
-    train_ds, view_gen = build_train_views(data, seed=trainer.seed)
+    if train_dataset is None:
+        train_ds, view_gen = build_train_views(data, seed=trainer.seed)
+    else:  # a ready dataset (Python API): uint8 images for batched views, else [V, C, H, W] view stacks
+        train_ds = train_dataset
+        view_gen = BatchedViews(as_pipelines(get_preset(data.augment)), data.views) if data.view_mode == "batched" else None
     meta = {"config": config or {}, "batch_size": data.batch_size, "augment": data.augment,
             "dataset": data.dataset, "root": data.root, "views": data.views}
     module = SelfSupModule(method, optim, view_generator=view_gen, seed=trainer.seed,
@@ -109,12 +146,13 @@ def pretrain(
     pl_trainer = L.Trainer(
         default_root_dir=str(out),
         max_epochs=trainer.max_epochs,
+        max_steps=trainer.max_steps,
         max_time=trainer.max_time,
         accelerator=trainer.accelerator,
         devices=trainer.devices,
         num_nodes=trainer.num_nodes,
         strategy=trainer.strategy,
-        precision=trainer.precision,
+        precision=resolve_precision(trainer.precision, trainer.accelerator),
         sync_batchnorm=trainer.sync_batchnorm,
         logger=_logger(trainer),
         callbacks=callbacks,
@@ -129,7 +167,8 @@ def pretrain(
     )
     if pl_trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config or {
+        name = "config.json" if ckpt_path is None else time.strftime("config-resume-%Y%m%d-%H%M%S.json")
+        (out / name).write_text(json.dumps(config or {
             "data": asdict(data), "optim": asdict(optim), "trainer": asdict(trainer), "monitor": asdict(monitor)},
             indent=2, default=str))
     pl_trainer.fit(module, datamodule=SelfSupData(data, trainer.seed, train_ds), ckpt_path=ckpt_path)

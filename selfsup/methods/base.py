@@ -51,6 +51,9 @@ class Method(nn.Module):
         self.backbone_config: dict = asdict(backbone)
         self.backbone = build_backbone(**self.backbone_config)
         self.feature_dim: int = self.backbone.feature_dim
+        # Set by the engine before every training_loss call, for per-step schedules (MEC's lambda warm-up).
+        self.step: int = 0
+        self.max_steps: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

@@ -51,7 +51,7 @@ class MMCR(Method):
         self.momentum = EMATeacher(self.backbone, self.projector) if momentum_tau is not None else None
 
     def training_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        b, v = check_views(views)
+        b, v = check_views(views, min_views=2)  # one view per image has no manifold to compress
         x = views.flatten(0, 1)  # sample-major: row b*V + v is view v of image b
         z = self.projector(self.backbone(x)).view(b, v, -1)
         gather = distributed.gather if self.gather_distributed else (lambda t: t)

@@ -1,0 +1,110 @@
+"""Bench (a): throughput of selfsup's full pretraining step (Lightning module, batched on-device views,
+MMCR loss, Adam, per-step scheduler, logging) against a bare PyTorch loop doing the same view generation,
+forward, backward and optimiser step, in the same process.
+
+    python bench/bench_step.py [--steps 30] [--backbone resnet10] [--width 32] [--batch 64] [--views 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import lightning as L
+import torch
+
+from selfsup.data.batched import BatchedViews
+from selfsup.data.datasets import TensorImageDataset
+from selfsup.data.transforms import as_pipelines, get_preset
+from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
+from selfsup.engine.pretrain import pretrain
+from selfsup.methods import MMCR, BackboneConfig
+
+
+class StepTimer(L.Callback):
+    """Wall time of the steps after ``warmup`` (excludes setup, first-step allocation, teardown)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1, self.n = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.t0 is not None:
+            self.n += 1
+            self.t1 = time.perf_counter()
+
+
+def bare_loop(method, images, bv, steps, warmup, batch, channels_last) -> float:
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator()
+    t0 = None
+    for step in range(steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        x = images[step * batch % len(images):][:batch]
+        gen.manual_seed(step)
+        views = bv(x, generator=gen)
+        if channels_last:
+            b, v = views.shape[:2]
+            views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
+        loss = method.training_loss(views)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return (steps - warmup) / (time.perf_counter() - t0)
+
+
+def selfsup_loop(method, images, labels, steps, warmup, args) -> float:
+    ds = TensorImageDataset(images, labels)
+    data = DataConfig(dataset="tensor", batch_size=args.batch, views=args.views, view_mode="batched",
+                      in_memory=True, num_workers=0)
+    timer = StepTimer(warmup)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = TrainerConfig(out_dir=out, max_epochs=1, max_steps=steps, logger="csv", progress_bar=False,
+                                channels_last=args.channels_last, log_every_n_steps=10)
+        pretrain(method, data, OptimConfig(name="adam", lr=1e-3), trainer, MonitorConfig(every_n_epochs=0),
+                 extra_callbacks=[timer], train_dataset=ds)
+    return timer.n / (timer.t1 - timer.t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--backbone", default="resnet10")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--channels_last", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    n = args.batch * args.steps
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.zeros(n, dtype=torch.long)
+    bv = BatchedViews(as_pipelines(get_preset("cifar10")), args.views)
+    backbone = BackboneConfig(args.backbone, cifar_stem=True, width=args.width)
+    ratios = []
+    for r in range(args.rounds):
+        torch.manual_seed(0)
+        m = MMCR(backbone=backbone)
+        if args.channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        bare = bare_loop(m, images, bv, args.steps, args.warmup, args.batch, args.channels_last)
+        torch.manual_seed(0)
+        ours = selfsup_loop(MMCR(backbone=backbone), images, labels, args.steps, args.warmup, args)
+        ratios.append(ours / bare)
+        views_per_step = args.batch * args.views
+        print(f"round {r}: bare PyTorch {bare:.3f} steps/s ({bare * views_per_step:.0f} views/s), "
+              f"selfsup {ours:.3f} steps/s ({ours * views_per_step:.0f} views/s), ratio {ours / bare:.3f}", flush=True)
+    print(f"selfsup / bare PyTorch step throughput: {sum(ratios) / len(ratios):.3f} (mean of {len(ratios)} rounds)")
+
+
+if __name__ == "__main__":
+    main()

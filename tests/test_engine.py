@@ -1,0 +1,61 @@
+"""Engine pieces: the sharded epoch sampler, atomic checkpoint writes, run-directory guard."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from selfsup.data.sampler import ShardedEpochSampler
+from selfsup.engine.checkpoint import atomic_torch_save, resolve_resume
+
+
+def test_sampler_shards_are_disjoint_equal_and_epoch_seeded():
+    shards = []
+    for r in range(3):
+        s = ShardedEpochSampler(10, seed=1, rank=r, world_size=3)
+        s.set_epoch(4)
+        shards.append(list(s))
+    assert [len(x) for x in shards] == [3, 3, 3]
+    flat = sum(shards, [])
+    assert len(set(flat)) == 9 and set(flat) <= set(range(10))
+    s = ShardedEpochSampler(10, seed=1)
+    s.set_epoch(4)
+    again = list(s)
+    s.set_epoch(4)
+    assert list(s) == again  # same epoch, same order (resume)
+    s.set_epoch(5)
+    assert list(s) != again
+    assert sorted(again) == list(range(10))
+    with pytest.raises(ValueError, match="rank 3 outside"):
+        ShardedEpochSampler(10, rank=3, world_size=3)
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "a" / "x.ckpt"
+    atomic_torch_save({"w": torch.ones(3)}, target)
+    assert torch.load(target, weights_only=True)["w"].sum() == 3
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"w": torch.zeros(3)}, target)
+    assert target.read_bytes() == before  # the old checkpoint survives a failed write
+    assert [p.name for p in target.parent.iterdir()] == ["x.ckpt"]  # no temporary left behind
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume(tmp_path / "fresh", False) is None
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        resolve_resume(tmp_path / "fresh", True)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        resolve_resume(tmp_path / "run", False)
+    assert resolve_resume(tmp_path / "run", True).endswith("last.ckpt")
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        resolve_resume(tmp_path / "run", str(tmp_path / "nope.ckpt"))
