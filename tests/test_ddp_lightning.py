@@ -32,5 +32,9 @@ def test_pretrain_ddp_two_processes_monitor_uses_the_whole_bank(tmp_path, cifar_
     assert main(["knn", "--checkpoint", str(last), "--k", "20", "--data.num_workers", "0", "--output", str(out)]) == 0
     single = json.loads(out.read_text())
     assert single["bank"] == 200 and single["test"] == 100
-    assert abs(single["top1"] - history[0]["top1"]) < 1e-6
-    assert abs(single["top5"] - history[0]["top5"]) < 1e-6
+    # each rank embedded half of each split; the monitor scored all queries against the whole gathered bank
+    assert history[0]["n_bank"] == 200 and history[0]["n_test"] == 100
+    # features of the same images computed in other batch compositions differ at float rounding level, which
+    # can flip a near-tie at the top-5 boundary: allow one query (1 point of 100), no more
+    assert abs(single["top1"] - history[0]["top1"]) <= 1.0
+    assert abs(single["top5"] - history[0]["top5"]) <= 1.0

@@ -69,7 +69,8 @@ class KNNMonitor(L.Callback):
         if distributed.is_dist():
             torch.distributed.all_reduce(counts)
         n = max(counts[2].item(), 1.0)
-        return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n}
+        return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n,
+                "n_bank": int(bank_y.numel()), "n_test": int(counts[2].item())}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

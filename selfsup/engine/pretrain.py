@@ -105,6 +105,7 @@ def pretrain(
     The run directory gets ``config.yaml``-equivalent ``config.json``, ``checkpoints/`` and ``logs/``.
     """
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")  # kNN is reduced already
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     out = Path(trainer.out_dir)
     ckpt_path = resolve_resume(out, trainer.resume)  # fails before any work when the run dir is taken
