@@ -422,6 +422,35 @@ def _select(
     return best, grid
 
 
+def _probe_result(best: dict[str, Any], grid: list[dict[str, float]], best_head: nn.Module, last_head: nn.Module,
+                  test_f: Tensor, test_y: Tensor, *, t0: float, protocol: str, refit_on_full_train: bool, n_train: int,
+                  n_val: int, epochs: int, has_val: bool) -> "ProbeResult":
+    """Score the test split once with the selected (best-on-val) head and the last-epoch head."""
+    test_best = evaluate_head(best_head, test_f, test_y)
+    test_last = evaluate_head(last_head, test_f, test_y)
+    return ProbeResult(
+        val_top1=best["best_val_top1"] if has_val else float("nan"),
+        test_top1=test_best["top1"],
+        test_top5=test_best["top5"],
+        test_top1_last=test_last["top1"],
+        test_top5_last=test_last["top5"],
+        lr=best["lr"],
+        weight_decay=best["weight_decay"],
+        epoch=best["best_epoch"],
+        epochs=epochs,
+        seconds=time.perf_counter() - t0,
+        protocol=protocol,
+        refit_on_full_train=refit_on_full_train,
+        n_train=int(n_train),
+        n_val=int(n_val),
+        n_test=test_f.shape[0],
+        val_curve=best["val_top1"],
+        grid=grid,
+        head=best_head,
+        head_last=last_head,
+    )
+
+
 def _check_grid_args(lrs: Sequence[float] | float, weight_decays: Sequence[float] | float) -> tuple[tuple[float, ...], tuple[float, ...]]:
     lrs_t = (float(lrs),) if isinstance(lrs, (int, float)) else tuple(float(v) for v in lrs)
     wds_t = (float(weight_decays),) if isinstance(weight_decays, (int, float)) else tuple(float(v) for v in weight_decays)
@@ -517,29 +546,9 @@ def linear_probe_cached(
         )
         best_head, last_head, n_train = refit["best_head"], refit["last_head"], full_f.shape[0]
 
-    test_best = evaluate_head(best_head, test_f, test_y)
-    test_last = evaluate_head(last_head, test_f, test_y)
-    return ProbeResult(
-        val_top1=best["best_val_top1"] if has_val else float("nan"),
-        test_top1=test_best["top1"],
-        test_top5=test_best["top5"],
-        test_top1_last=test_last["top1"],
-        test_top5_last=test_last["top5"],
-        lr=best["lr"],
-        weight_decay=best["weight_decay"],
-        epoch=best["best_epoch"],
-        epochs=epochs,
-        seconds=time.perf_counter() - t0,
-        protocol="cached",
-        refit_on_full_train=refit_on_full_train,
-        n_train=n_train,
-        n_val=va_idx.numel(),
-        n_test=test_f.shape[0],
-        val_curve=best["val_top1"],
-        grid=grid,
-        head=best_head,
-        head_last=last_head,
-    )
+    return _probe_result(best, grid, best_head, last_head, test_f, test_y, t0=t0, protocol="cached",
+                         refit_on_full_train=refit_on_full_train, n_train=n_train, n_val=va_idx.numel(), epochs=epochs,
+                         has_val=has_val)
 
 
 def _dataset_labels(dataset: Dataset, labels: Sequence[int] | Tensor | None) -> Tensor:
@@ -655,25 +664,6 @@ def linear_probe_augmented(
 
         best, grid = _select(fit, lrs_t, wds_t, has_val)
 
-    test_best = evaluate_head(best["best_head"], test_f, test_y)
-    test_last = evaluate_head(best["last_head"], test_f, test_y)
-    return ProbeResult(
-        val_top1=best["best_val_top1"] if has_val else float("nan"),
-        test_top1=test_best["top1"],
-        test_top5=test_best["top5"],
-        test_top1_last=test_last["top1"],
-        test_top5_last=test_last["top5"],
-        lr=best["lr"],
-        weight_decay=best["weight_decay"],
-        epoch=best["best_epoch"],
-        epochs=epochs,
-        seconds=time.perf_counter() - t0,
-        protocol="augmented",
-        n_train=tr_idx.numel(),
-        n_val=va_idx.numel(),
-        n_test=test_f.shape[0],
-        val_curve=best["val_top1"],
-        grid=grid,
-        head=best["best_head"],
-        head_last=best["last_head"],
-    )
+    return _probe_result(best, grid, best["best_head"], best["last_head"], test_f, test_y, t0=t0,
+                         protocol="augmented", refit_on_full_train=False, n_train=tr_idx.numel(), n_val=va_idx.numel(),
+                         epochs=epochs, has_val=has_val)
