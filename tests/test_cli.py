@@ -94,3 +94,22 @@ def test_resume_with_a_different_backbone_is_refused(tmp_path, cifar_slice, caps
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["method"]["init_args"]["backbone"]["width"] == 8
+
+
+def test_per_image_views_from_a_zip_with_loader_workers(tmp_path, cifar_slice):
+    """The per-image path: zip members decoded in 2 worker processes, V torchvision views per image."""
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--data.view_mode", "per_image",
+            "--data.in_memory", "false", "--data.num_workers", "2", "--data.views", "4", "--data.subset", "60",
+            "--trainer.max_epochs", "1", "--trainer.out_dir", str(run)]
+    assert main(args) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 60 // 20
+    assert ckpt["selfsup"]["views"] == 4
+
+
+def test_precision_auto_resolves_to_a_lightning_precision():
+    from selfsup.engine.pretrain import resolve_precision
+
+    assert resolve_precision("16-mixed") == "16-mixed"
+    assert resolve_precision("auto", "cpu") in ("bf16-mixed", "32-true")

@@ -59,3 +59,16 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume(tmp_path / "run", True).endswith("last.ckpt")
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         resolve_resume(tmp_path / "run", str(tmp_path / "nope.ckpt"))
+
+
+def test_resume_auto_and_slurm_requeue(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert resolve_resume(run, "auto") is None  # nothing to continue: fresh start
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_resume(run, "auto").endswith("last.ckpt")
+    (run / "hpc_ckpt_2.ckpt").write_bytes(b"x")
+    (run / "hpc_ckpt_10.ckpt").write_bytes(b"x")
+    assert resolve_resume(run, "auto").endswith("hpc_ckpt_10.ckpt")  # newest pre-emption checkpoint
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job continues its own run
+    assert resolve_resume(run, False).endswith("hpc_ckpt_10.ckpt")

@@ -53,8 +53,17 @@ def resolve_resume(run_dir: str | os.PathLike, resume: bool | str) -> Optional[s
 
     * ``resume`` false and ``run_dir`` already holds checkpoints: error (nothing is overwritten).
     * ``resume`` true: ``run_dir/checkpoints/last.ckpt`` (error if absent).
+    * ``resume`` ``auto``: the newest of Lightning's SLURM pre-emption checkpoints (``hpc_ckpt_*.ckpt``) or
+      ``last.ckpt`` when there is one, else a fresh start. A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0)
+      behaves as ``auto`` so that it continues instead of refusing its own run directory.
     * ``resume`` a path: that file (error if absent).
     """
+    if resume is False and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+        resume = "auto"
+    if resume == "auto":
+        hpc = sorted(Path(run_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        return str(hpc[-1]) if hpc else (str(last) if last.is_file() else None)
     if resume is False or resume in ("", "false", "False", None):
         found = existing_checkpoints(run_dir)
         if found:

@@ -120,7 +120,9 @@ class TrainerConfig:
         seed: global seed (data order, augmentation and init).
         save_every_n_epochs: checkpoint period; ``last.ckpt`` is always kept up to date.
         save_every_n_steps: optional extra step-based checkpoints (0 = off).
-        resume: ``true`` continues from ``out_dir``'s ``last.ckpt``; a path continues from that file.
+        resume: ``true`` continues from ``out_dir``'s ``last.ckpt``; a path continues from that file; ``auto``
+            continues when there is something to continue (SLURM pre-emption checkpoint or last.ckpt), else starts.
+            A requeued SLURM job resumes automatically.
         logger: ``csv``, ``tensorboard``, ``wandb`` or ``none``.
         log_every_n_steps: logging period.
         progress_bar: show a progress bar.
