@@ -161,7 +161,9 @@ def _eval_setup(cfg):
         raise ValueError(f"'{cfg.checkpoint}' does not say which dataset it was trained on: pass --data.dataset")
     root = d.root if d.root is not None else (meta.get("root") if dataset == meta.get("dataset") else None)
     augment = d.augment or meta.get("augment") or ("cifar10" if dataset == "demo" else dataset)
+    overrides = meta.get("config", {}).get("data", {}).get("augment_overrides") if not d.augment else None
     data = DataConfig(dataset=dataset, root=root, download=d.download, bank_split=d.train_split,
+                      augment_overrides=overrides,
                       test_split=d.test_split, class_list=d.class_list, augment=augment, in_memory=d.in_memory,
                       image_size=d.image_size, num_workers=d.num_workers, skip_corrupt=d.skip_corrupt)
     return backbone, data

@@ -113,3 +113,16 @@ def test_precision_auto_resolves_to_a_lightning_precision():
 
     assert resolve_precision("16-mixed") == "16-mixed"
     assert resolve_precision("auto", "cpu") in ("bf16-mixed", "32-true")
+
+
+def test_augment_overrides_apply_and_typos_are_named(tmp_path, cifar_slice, capsys):
+    from selfsup.data.build import train_pipelines
+    from selfsup.engine.config import DataConfig
+
+    pipes = train_pipelines(DataConfig(augment="imagenet", augment_overrides={"scale": [0.2, 1.0]}))
+    assert [p.scale for p in pipes] == [(0.2, 1.0), (0.2, 1.0)]  # both pipelines of the asymmetric pair
+    assert [p.blur_p for p in pipes] == [1.0, 0.1]  # the rest of the preset is untouched
+    args = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--data.augment_overrides", "{scal: [0.2, 1.0]}",
+            "--trainer.out_dir", str(tmp_path / "run")]
+    assert main(args) == 1
+    assert "scal" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Two ways to make views (``DataConfig.view_mode``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Optional
 
@@ -63,6 +64,19 @@ class TensorNormalize:
         return (x.float().div_(255) - self.mean) / self.std
 
 
+def train_pipelines(cfg) -> list[Augment]:
+    """The preset's pipelines with ``cfg.augment_overrides`` applied to each."""
+    pipelines = as_pipelines(get_preset(cfg.augment))
+    overrides = dict(getattr(cfg, "augment_overrides", None) or {})
+    if not overrides:
+        return pipelines
+    known = {f.name for f in dataclasses.fields(Augment)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"data.augment_overrides: unknown Augment field(s) {unknown}; valid: {sorted(known)}")
+    return [dataclasses.replace(a, **overrides) for a in pipelines]
+
+
 def eval_preset(name: str) -> Augment:
     """The first pipeline of a preset: its crop size, normalisation and eval resize."""
     return as_pipelines(get_preset(name))[0]
@@ -109,7 +123,7 @@ def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
 
 def build_train_views(cfg, seed: int = 0) -> tuple[Dataset, Optional[BatchedViews]]:
     """The pretraining dataset and, for ``batched`` view mode, the on-device view generator."""
-    pipelines = as_pipelines(get_preset(cfg.augment))
+    pipelines = train_pipelines(cfg)
     if cfg.views < 1:
         raise ValueError(f"data.views must be >= 1, got {cfg.views}")
     if cfg.view_mode == "batched":
@@ -137,7 +151,7 @@ def build_eval_dataset(cfg, split: str, limit: Optional[int] = None, augment: Op
 
     ``limit`` keeps a fixed, seeded random subset of that many images (for quick monitors).
     """
-    aug = eval_preset(augment or cfg.augment)
+    aug = train_pipelines(cfg)[0] if augment is None else eval_preset(augment)  # same normalisation as training
     if cfg.in_memory:
         ds: Dataset = MapDataset(in_memory_dataset(cfg, split), TensorNormalize(aug))
     else:
@@ -148,7 +162,7 @@ def build_eval_dataset(cfg, split: str, limit: Optional[int] = None, augment: Op
 
 def train_augmented_dataset(cfg, split: str, augment: Optional[str] = None) -> Dataset:
     """One SSL-augmented view per image (the seeds' augmented linear-probe protocol)."""
-    aug = as_pipelines(get_preset(augment or cfg.augment))[0]
+    aug = train_pipelines(cfg)[0] if augment is None else as_pipelines(get_preset(augment))[0]
     tf = per_image_transform(aug)
     if cfg.in_memory:
         return MapDataset(in_memory_dataset(cfg, split), tf)

@@ -25,6 +25,8 @@ class DataConfig:
         batch_size: images per step **per device** (each gives ``views`` views).
         views: views per image (V).
         augment: augmentation preset (``selfsup.data.transforms.PRESETS``).
+        augment_overrides: fields of ``Augment`` replaced in every pipeline of the preset,
+            e.g. ``{scale: [0.2, 1.0], blur_p: 0.1}``; an unknown field is an error.
         view_mode: ``per_image`` (torchvision transforms in loader workers) or ``batched``
             (one vectorised op for the whole batch, on the training device).
         in_memory: decode the whole split once into a uint8 tensor (small datasets).
@@ -44,6 +46,7 @@ class DataConfig:
     batch_size: int = 256
     views: int = 2
     augment: str = "cifar10"
+    augment_overrides: Optional[dict] = None
     view_mode: Literal["per_image", "batched"] = "per_image"
     in_memory: bool = False
     image_size: Optional[int] = None

@@ -15,8 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from selfsup.data.batched import BatchedViews
-from selfsup.data.build import build_eval_dataset, build_train_views, num_classes
-from selfsup.data.transforms import as_pipelines, get_preset
+from selfsup.data.build import build_eval_dataset, build_train_views, num_classes, train_pipelines
 from selfsup.data.sampler import ShardedEpochSampler
 from selfsup.engine.callbacks import KNNMonitor
 from selfsup.engine.checkpoint import AtomicCheckpointIO, resolve_resume
@@ -116,7 +115,7 @@ def pretrain(
         train_ds, view_gen = build_train_views(data, seed=trainer.seed)
     else:  # a ready dataset (Python API): uint8 images for batched views, else [V, C, H, W] view stacks
         train_ds = train_dataset
-        view_gen = BatchedViews(as_pipelines(get_preset(data.augment)), data.views) if data.view_mode == "batched" else None
+        view_gen = BatchedViews(train_pipelines(data), data.views) if data.view_mode == "batched" else None
     meta = {"config": config or {}, "batch_size": data.batch_size, "augment": data.augment,
             "dataset": data.dataset, "root": data.root, "views": data.views}
     module = SelfSupModule(method, optim, view_generator=view_gen, seed=trainer.seed,
