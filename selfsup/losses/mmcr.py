@@ -111,13 +111,7 @@ def mmcr_loss(
     with torch.autocast(device_type=z.device.type, enabled=False):
         z_hat = F.normalize(_upcast(z), dim=-1, eps=_NORM_EPS)
         centroids = z_hat.mean(dim=1)  # [B, D], deliberately not re-normalised
-        global_nuc = torch.linalg.svdvals(centroids).sum()
-        local_nuc: Tensor | None = None
-        loss = -global_nuc
-        if lmbda != 0:
-            local_nuc = _local_nuclear(z_hat)
-            loss = lmbda * local_nuc / z.shape[0] - global_nuc
-    return _finish(loss, global_nuc, local_nuc, return_parts)
+        return _nuclear_objective(z_hat, centroids, lmbda, return_parts)
 
 
 def mmcr_momentum_loss(
@@ -152,10 +146,17 @@ def mmcr_momentum_loss(
         z_hat = F.normalize(_upcast(z), dim=-1, eps=_NORM_EPS)
         ema_hat = F.normalize(_upcast(z_ema.detach()), dim=-1, eps=_NORM_EPS).to(z_hat.dtype)
         centroids = 0.5 * (z_hat.mean(dim=1) + ema_hat.mean(dim=1))
-        global_nuc = torch.linalg.svdvals(centroids).sum()
-        local_nuc: Tensor | None = None
-        loss = -global_nuc
-        if lmbda != 0:
-            local_nuc = _local_nuclear(z_hat)
-            loss = lmbda * local_nuc / z.shape[0] - global_nuc
+        return _nuclear_objective(z_hat, centroids, lmbda, return_parts)
+
+
+def _nuclear_objective(
+    z_hat: Tensor, centroids: Tensor, lmbda: float, return_parts: bool
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """``λ · Σ_b ||Z_b||_* / B − ||C||_*`` from normalised views ``z_hat`` and centroids ``C`` (fp32, no autocast)."""
+    global_nuc = torch.linalg.svdvals(centroids).sum()
+    local_nuc: Tensor | None = None
+    loss = -global_nuc
+    if lmbda != 0:
+        local_nuc = _local_nuclear(z_hat)
+        loss = lmbda * local_nuc / z_hat.shape[0] - global_nuc
     return _finish(loss, global_nuc, local_nuc, return_parts)
