@@ -39,8 +39,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args, overrides = ap.parse_known_args()
     torch.set_num_threads(args.threads)
-    from jsonargparse import Namespace  # noqa: F401  (jsonargparse is a dependency of the CLI)
-
     from selfsup.cli import _pretrain_parser
     from selfsup.engine.pretrain import pretrain
 

@@ -7,7 +7,6 @@ test.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest

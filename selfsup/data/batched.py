@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.data.transforms import Augment, as_pipelines
+from selfsup.data.transforms import Augment, as_pipelines, check_view_count
 
 __all__ = [
     "BatchedViews",
@@ -222,13 +222,7 @@ class BatchedViews(torch.nn.Module):
     def __init__(self, pipelines: Sequence[Augment] | Augment | str, n_views: int) -> None:
         super().__init__()
         pipes = as_pipelines(pipelines)  # type: ignore[arg-type]
-        if int(n_views) < 1:
-            raise ValueError(f"n_views must be >= 1, got {n_views}")
-        if n_views % len(pipes) != 0:
-            raise ValueError(
-                f"n_views={n_views} must be a multiple of the number of pipelines ({len(pipes)}): "
-                "an asymmetric pair needs an even number of views (even slots A, odd slots B)"
-            )
+        check_view_count(n_views, len(pipes))
         sizes = {p.crop_size for p in pipes}
         if len(sizes) != 1:
             raise ValueError(f"all pipelines must share crop_size to be stacked, got {sorted(sizes)}")

@@ -378,6 +378,17 @@ def eval_transform(aug: Augment, size: int | None = None) -> Callable[[Any], tor
     return v2.Compose(ops)
 
 
+def check_view_count(n_views: int, n_pipelines: int) -> None:
+    """Views are assigned to pipelines by slot (``v % P``): V must be >= 1 and a multiple of P."""
+    if int(n_views) < 1:
+        raise ValueError(f"n_views must be >= 1, got {n_views}")
+    if n_views % n_pipelines != 0:
+        raise ValueError(
+            f"n_views={n_views} must be a multiple of the number of pipelines ({n_pipelines}): "
+            "an asymmetric pair needs an even number of views (even slots A, odd slots B)"
+        )
+
+
 class MultiViewTransform:
     """Draw ``n_views`` augmented views of one image: ``img -> float32 [V, 3, H, W]``.
 
@@ -396,13 +407,7 @@ class MultiViewTransform:
         pipes = [per_image_transform(p) if isinstance(p, Augment) else p for p in pipelines]
         if not pipes:
             raise ValueError("MultiViewTransform needs at least one pipeline")
-        if int(n_views) < 1:
-            raise ValueError(f"n_views must be >= 1, got {n_views}")
-        if n_views % len(pipes) != 0:
-            raise ValueError(
-                f"n_views={n_views} must be a multiple of the number of pipelines ({len(pipes)}): "
-                "an asymmetric pair needs an even number of views (even slots A, odd slots B)"
-            )
+        check_view_count(n_views, len(pipes))
         self.pipelines = pipes
         self.n_views = int(n_views)
 

@@ -10,7 +10,6 @@ copy of backbone + projector sees the same views and the centroid averages both 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from selfsup import distributed
 from selfsup.losses import mmcr_loss, mmcr_momentum_loss
