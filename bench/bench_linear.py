@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from selfsup.eval import extract_features, linear_probe_augmented, linear_probe_cached
+from selfsup.eval import ProbeConfig, extract_features, linear_probe_augmented, linear_probe_cached
 
-CIFAR_ZIP = Path("/work/shared/datasets/cifar10-jpeg.zip")
+CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.zip"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -131,19 +131,19 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(2):
             backbone(torch.stack([train_ds[i][0] for i in range(args.batch_size)]))
-    common = dict(num_classes=10, lrs=args.lr, weight_decays=0.0, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    probe = ProbeConfig(lrs=args.lr, weight_decays=0.0, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
 
     # Cached: one forward over train + test, then the head trains on the stored features.
     t, c = time.perf_counter(), time.process_time()
     tr_f, tr_y = extract_features(backbone, DataLoader(train_ds, batch_size=args.batch_size))
     te_f, te_y = extract_features(backbone, DataLoader(test_ds, batch_size=args.batch_size))
     t_extract = time.perf_counter() - t
-    cached = linear_probe_cached(tr_f, tr_y, te_f, te_y, **common)
+    cached = linear_probe_cached(tr_f, tr_y, te_f, te_y, 10, probe)
     t_cached, c_cached = time.perf_counter() - t, time.process_time() - c
 
     # Per-epoch forward: the backbone runs over the training images at every epoch.
     t, c = time.perf_counter(), time.process_time()
-    per_epoch = linear_probe_augmented(backbone, train_ds, test_ds, val_dataset=train_ds, **common)
+    per_epoch = linear_probe_augmented(backbone, train_ds, test_ds, 10, probe, val_dataset=train_ds)
     t_per_epoch, c_per_epoch = time.perf_counter() - t, time.process_time() - c
 
     print(f"cached     : {t_cached:7.1f}s (extraction {t_extract:.1f}s + head {cached.seconds:.1f}s)  "

@@ -19,7 +19,8 @@ from selfsup.data.datasets import TensorImageDataset
 from selfsup.data.transforms import as_pipelines, get_preset
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
 from selfsup.engine.pretrain import pretrain
-from selfsup.methods import MMCR, BackboneConfig
+from selfsup.methods import MMCR
+from selfsup.methods.base import Batch
 
 
 class StepTimer(L.Callback):
@@ -52,7 +53,9 @@ def bare_loop(method, images, bv, steps, warmup, batch, channels_last) -> float:
         if channels_last:
             b, v = views.shape[:2]
             views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
-        loss = method.training_loss(views)["loss"]
+        batch_in = Batch(views=views, labels=torch.zeros(batch, dtype=torch.long), indices=torch.arange(batch),
+                         step=step, max_steps=steps, epoch=0, generator=gen)
+        loss = method.training_loss(batch_in)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,7 +71,7 @@ def selfsup_loop(method, images, labels, steps, warmup, args) -> float:
     with tempfile.TemporaryDirectory() as out:
         trainer = TrainerConfig(out_dir=out, max_epochs=1, max_steps=steps, logger="csv", progress_bar=False,
                                 channels_last=args.channels_last, log_every_n_steps=10)
-        pretrain(method, data, OptimConfig(name="adam", lr=1e-3), trainer, MonitorConfig(every_n_epochs=0),
+        pretrain(method, data, OptimConfig(name="adam", lr=1e-3, exclude_1d=False), trainer, MonitorConfig(every_n_epochs=0),
                  extra_callbacks=[timer], train_dataset=ds)
     return timer.n / (timer.t1 - timer.t0)
 
@@ -89,7 +92,7 @@ def main() -> None:
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.zeros(n, dtype=torch.long)
     bv = BatchedViews(as_pipelines(get_preset("cifar10")), args.views)
-    backbone = BackboneConfig(args.backbone, cifar_stem=True, width=args.width)
+    backbone = {"name": args.backbone, "kwargs": {"cifar_stem": True, "width": args.width}}
     ratios = []
     for r in range(args.rounds):
         torch.manual_seed(0)

@@ -16,16 +16,16 @@ from selfsup.data.build import build_eval_dataset, num_classes
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_accuracy
-from selfsup.eval.linear import linear_probe_cached
-from selfsup.methods import MMCR, BackboneConfig
+from selfsup.eval.linear import ProbeConfig, linear_probe_cached
+from selfsup.methods import MMCR
 
-DEMO_BACKBONE = BackboneConfig(name="resnet10", cifar_stem=True, width=32)
+DEMO_BACKBONE = {"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 32}}
 
 
 def demo_configs(out_dir: str, epochs: int, progress_bar: bool = True):
     data = DataConfig(dataset="demo", batch_size=64, views=4, augment="cifar10", view_mode="batched",
                       in_memory=True, num_workers=0)
-    optim = OptimConfig(name="adam", lr=2e-3, weight_decay=1e-6, schedule="cosine", warmup_epochs=0.5)
+    optim = OptimConfig(name="adam", lr=2e-3, weight_decay=1e-6, exclude_1d=False, schedule="cosine", warmup_epochs=0.5)
     trainer = TrainerConfig(out_dir=out_dir, max_epochs=epochs, channels_last=True, logger="csv", precision="auto",
                             progress_bar=progress_bar, log_every_n_steps=10, save_every_n_epochs=epochs)
     monitor = MonitorConfig(every_n_epochs=0)
@@ -40,8 +40,8 @@ def evaluate(backbone: torch.nn.Module, data: DataConfig, probe_epochs: int = 30
     bank_f, bank_y = extract_features(backbone, DataLoader(bank, batch_size=500))
     test_f, test_y = extract_features(backbone, DataLoader(test, batch_size=500))
     knn = knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=c, k=200, temperature=0.5)
-    probe = linear_probe_cached(bank_f, bank_y, test_f, test_y, c, epochs=probe_epochs, lrs=(0.1, 1.0),
-                                weight_decays=(0.0,), batch_size=256)
+    probe = linear_probe_cached(bank_f, bank_y, test_f, test_y, c,
+                                ProbeConfig(epochs=probe_epochs, lrs=(0.1, 1.0), weight_decays=(0.0,), batch_size=256))
     return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "linear_top1": probe.test_top1,
             "linear_top5": probe.test_top5}
 
@@ -53,7 +53,7 @@ def demo(out_dir: Optional[str] = None, epochs: int = 10, progress_bar: bool = T
     out_dir = out_dir or str(Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
     data, optim, trainer, monitor = demo_configs(out_dir, epochs, progress_bar)
     method = MMCR(backbone=DEMO_BACKBONE, projector=[512, 128])
-    print(f"selfsup demo: MMCR, {DEMO_BACKBONE.name} (width {DEMO_BACKBONE.width}, CIFAR stem), "
+    print(f"selfsup demo: MMCR, {DEMO_BACKBONE['name']} (width {DEMO_BACKBONE['kwargs']['width']}, CIFAR stem), "
           f"{data.views} views x {data.batch_size} images, {epochs} epochs on the shipped CIFAR-10 sample; run dir {out_dir}")
     t0 = time.time()
     before = evaluate(method.backbone, data)

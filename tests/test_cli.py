@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from selfsup.cli import main
 
 TINY = [
-    "--method", "MMCR", "--method.init_args.backbone.name", "resnet10", "--method.init_args.backbone.cifar_stem", "true",
-    "--method.init_args.backbone.width", "8", "--method.init_args.projector", "[16, 8]",
+    "--method", "MMCR", "--method.init_args.backbone", "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}", "--method.init_args.projector", "[16, 8]",
     "--data.dataset", "cifar10", "--data.batch_size", "20", "--data.views", "2", "--data.view_mode", "batched",
     "--data.in_memory", "true", "--data.num_workers", "0", "--trainer.logger", "none",
     "--trainer.progress_bar", "false", "--monitor.every_n_epochs", "0",
@@ -88,11 +89,11 @@ def test_resume_with_a_different_backbone_is_refused(tmp_path, cifar_slice, caps
     assert main(base) == 0
     before = (run / "checkpoints" / "last.ckpt").read_bytes()
     assert main([*base, "--trainer.max_epochs", "2", "--trainer.resume", "true",
-                 "--method.init_args.backbone.width", "16"]) == 1
+                 "--method.init_args.backbone.kwargs", "{cifar_stem: true, width: 16}"]) == 1
     assert "differs from the configured" in capsys.readouterr().err
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["method"]["init_args"]["backbone"]["width"] == 8
+    assert cfg["method"]["init_args"]["backbone"]["kwargs"]["width"] == 8
 
 
 def test_per_image_views_from_a_zip_with_loader_workers(tmp_path, cifar_slice):
@@ -125,3 +126,115 @@ def test_augment_overrides_apply_and_typos_are_named(tmp_path, cifar_slice, caps
             "--trainer.out_dir", str(tmp_path / "run")]
     assert main(args) == 1
     assert "scal" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ bad files, devices
+class _Stop(Exception):
+    """Raised by a fake to end a command once it has shown what it needed to."""
+
+
+def tiny_pretrain(run: Path, root: Path, *extra: str) -> Path:
+    """``last.ckpt`` of a 1-epoch run of a width-8 ResNet-10 on 40 images of ``root``."""
+    assert main(["pretrain", *TINY, "--data.root", str(root), "--data.subset", "40", "--trainer.max_epochs", "1",
+                 "--trainer.out_dir", str(run), *extra]) == 0
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, cifar_slice) -> Path:
+    return tiny_pretrain(tmp_path_factory.mktemp("tiny") / "run", cifar_slice)
+
+
+def _corrupt_copy(src: Path, dst: Path) -> str:
+    """Copy the zip with its third train image replaced by bytes that are not an image; returns that member."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        member = sorted(n for n in zin.namelist() if "/train/" in n and n.endswith(".jpg"))[2]
+        for name in zin.namelist():
+            zout.writestr(name, b"this is not a JPEG" if name == member else zin.read(name))
+    return member
+
+
+def _one_error_line(err: str, cmd: str, *names: str) -> str:
+    """The one ``selfsup <cmd>: error:`` line (an uncaught exception would have escaped ``main`` instead)."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("selfsup")]
+    assert len(lines) == 1 and lines[0].startswith(f"selfsup {cmd}: error: "), err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def test_corrupt_image_is_one_line_naming_the_member(tmp_path, cifar_slice, tiny_ckpt, capsys):
+    """Fails before: CorruptImageError (a RuntimeError) escaped main() as a traceback."""
+    bad = tmp_path / "bad.zip"
+    member = _corrupt_copy(cifar_slice, bad)
+    ckpt = str(tiny_ckpt)
+    runs = [
+        ["knn", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "0"],
+        ["knn", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "2"],  # raised in a worker
+        ["linear", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "0", "--epochs", "1"],
+        ["pretrain", *TINY, "--data.root", str(bad), "--trainer.out_dir", str(tmp_path / "run1")],  # in-memory decode
+        ["pretrain", *TINY, "--data.root", str(bad), "--trainer.out_dir", str(tmp_path / "run2"), "--data.in_memory",
+         "false", "--data.view_mode", "per_image", "--data.num_workers", "2"],  # inside Lightning, in a worker
+    ]
+    for argv in runs:
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        _one_error_line(capsys.readouterr().err, argv[0], member, str(bad))
+
+
+NOT_CHECKPOINTS = {
+    "notes.ckpt": lambda p: p.write_text("not a checkpoint"),
+    "empty.ckpt": lambda p: p.write_bytes(b""),
+    "noise.pt": lambda p: p.write_bytes(bytes(range(256)) * 8),
+    "tensor.pt": lambda p: torch.save(torch.zeros(3), p),
+    "partial.ckpt": lambda p: torch.save({"selfsup": {"method": "MMCR"}, "state_dict": {}}, p),  # KeyError before
+    "notes.safetensors": lambda p: p.write_text("not safetensors"),
+}
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    """Every command that reads a checkpoint names a foreign file in one line (the partial selfsup checkpoint
+    ended in a KeyError traceback before, for every command)."""
+    for name, make in NOT_CHECKPOINTS.items():
+        path = tmp_path / name
+        make(path)
+        for argv in (["knn", "--checkpoint", str(path), "--data.dataset", "demo"],
+                     ["linear", "--checkpoint", str(path), "--data.dataset", "demo"],
+                     ["export", "--checkpoint", str(path), "--out", str(tmp_path / "exp")],
+                     ["pretrain", *TINY, "--trainer.out_dir", str(tmp_path / "run"), "--trainer.resume", str(path)]):
+            if name.endswith(".safetensors") and argv[0] == "pretrain":
+                continue
+            capsys.readouterr()
+            assert main(argv) == 1, argv
+            _one_error_line(capsys.readouterr().err, argv[0], str(path))
+        assert not (tmp_path / "exp").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [["knn"], ["linear", "--protocol", "fast"], ["linear", "--protocol", "min-mmcr"]])
+def test_eval_moves_the_backbone_to_the_device(argv, tiny_ckpt, monkeypatch):
+    """The backbone runs where its inputs go (fails before for knn/linear: the backbone stayed on the CPU while
+    the inputs went to --device). ``meta`` stands in for a CUDA device; the fake stops at the first forward."""
+    from selfsup import cli
+    from selfsup.eval import features, linear
+
+    seen = []
+
+    def fake_extract(backbone, loader, device="cpu", **kwargs):
+        seen.append((next(backbone.parameters()).device, torch.device(device)))
+        raise _Stop
+
+    monkeypatch.setattr(features, "extract_features", fake_extract)
+    monkeypatch.setattr(linear, "extract_features", fake_extract)
+    with pytest.raises(_Stop):
+        cli.COMMANDS[argv[0]]([*argv[1:], "--checkpoint", str(tiny_ckpt), "--device", "meta", "--data.num_workers", "0"])
+    assert seen == [(torch.device("meta"), torch.device("meta"))]
+    net = torch.nn.Linear(2, 2)
+    assert next(cli.on_device(net, torch.device("meta")).parameters()).device == torch.device("meta")
+
+
+def test_which_help_names_teachers(capsys):
+    for cmd in ("knn", "linear", "export"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert "teacher" in out and "momentum" in out, cmd

@@ -23,7 +23,7 @@ RECIPE = """
 method:
   class_path: MMCR
   init_args:
-    backbone: {{name: resnet10, cifar_stem: true, width: 8}}
+    backbone: {{name: resnet10, kwargs: {{cifar_stem: true, width: 8}}}}
     projector: [32, 16]
 data:
   dataset: cifar10
@@ -70,7 +70,7 @@ def test_pretrain_kill_resume_knn_linear_export(tmp_path, recipe, capsys):
     last_a = run_a / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last_a, map_location="cpu", weights_only=True)  # loadable without unpickling code
     assert ckpt["global_step"] == 3 * (200 // 25)
-    assert ckpt["selfsup"]["backbone_config"]["cifar_stem"] is True
+    assert ckpt["selfsup"]["format"] == 2 and ckpt["selfsup"]["backbone"]["kwargs"]["cifar_stem"] is True
 
     # the same run, SIGKILLed at the start of its third epoch
     script = tmp_path / "killer.py"
@@ -127,7 +127,7 @@ def test_pretrain_kill_resume_knn_linear_export(tmp_path, recipe, capsys):
     ref, _ = load_backbone(last_a)
     for src in (exp, exp / "backbone.pt", exp / "backbone.safetensors"):
         net, cfg = load_backbone(src)
-        assert cfg["width"] == 8
+        assert cfg["kwargs"]["width"] == 8
         torch.testing.assert_close(net.eval()(x), ref.eval()(x))
     assert main(["export", "--checkpoint", str(last_a), "--out", str(exp)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
@@ -154,4 +154,4 @@ def test_export_loads_into_unmodified_torchvision(tmp_path, cifar_slice):
         tv.fc = torch.nn.Identity()
         torch.testing.assert_close(tv.eval()(x), ours.eval()(x))
     info = json.loads((exp / "backbone.json").read_text())
-    assert "torchvision.models.resnet18()" in info["torchvision_load"]
+    assert "torchvision.models.resnet18()" in info["load"]

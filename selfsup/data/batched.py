@@ -1,7 +1,8 @@
 """The augmentations of :mod:`selfsup.data.transforms`, applied to a whole batch at once on its device.
 
 :class:`BatchedViews` turns a batch of images ``[B, 3, H, W]`` into sample-major views
-``[B, V, 3, crop, crop]``. Every random parameter is drawn per (image, view) from one
+``[B, V, 3, crop, crop]`` (or, given views the loader already cropped, ``[B, V, 3, crop, crop]``
+uint8, applies only the photometric ops). Every random parameter is drawn per (image, view) from one
 ``torch.Generator``, so a fixed generator state gives bit-identical views (the engine keys it on
 ``(seed, global_step)`` so resuming is exact). Each op is vectorised over all ``B * V`` samples:
 
@@ -217,6 +218,14 @@ class BatchedViews(torch.nn.Module):
     ``forward(images, generator)`` takes ``uint8 [B, 3, H, W]`` (or float in ``[0, 1]``) and returns
     normalised ``float32 [B, V, 3, crop, crop]``, sample-major. The module holds no parameters or
     buffers (nothing lands in checkpoints).
+
+    It also takes views whose geometry is already applied, ``uint8`` (or float) ``[B, V, 3, crop, crop]``:
+    what the loader yields for images that cannot be stacked at full size (each view cropped and
+    flipped from the full image by :func:`~selfsup.data.transforms.crop_flip_transform` of pipeline
+    ``v % P``). Then only the photometric ops run (jitter, grayscale, blur, solarize, normalize), with the
+    same per-(image, view) draws and pipeline assignment as for 4-D input; the crop and flip draws are
+    unused. Deviation: a ``color_first`` pipeline (the STL-10 preset) gets its jitter and grayscale
+    *after* the crop on this path.
     """
 
     def __init__(self, pipelines: Sequence[Augment] | Augment | str, n_views: int) -> None:
@@ -235,12 +244,21 @@ class BatchedViews(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
+        cropped = images.dim() == 5
+        c = self.crop_size
+        if cropped:
+            if tuple(images.shape[1:]) != (self.n_views, 3, c, c):
+                raise ValueError(
+                    f"expected cropped views [B, V={self.n_views}, 3, {c}, {c}] or images [B, 3, H, W], "
+                    f"got {tuple(images.shape)}"
+                )
+        elif images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         if images.dtype == torch.uint8:
             x = images.to(torch.float32).div_(255.0)
         elif images.is_floating_point():
-            x = images.to(torch.float32)
+            # the cropped path works in place on its input: never on the caller's tensor
+            x = images.to(torch.float32, copy=cropped)
         else:
             raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
         b = x.shape[0]
@@ -248,14 +266,18 @@ class BatchedViews(torch.nn.Module):
         per_pipe = self.n_views // n_pipes
         rng_device = generator.device if generator is not None else x.device
         outs = []
-        for aug in self.pipelines:
+        for p, aug in enumerate(self.pipelines):
             # All random numbers for this pipeline, one row per (image, view), rows sample-major.
             u = torch.rand(b * per_pipe, _N_DRAWS, generator=generator, device=rng_device).to(x.device)
-            outs.append(self._pipeline(x, aug, per_pipe, u).view(b, per_pipe, 3, self.crop_size, self.crop_size))
+            if cropped:  # this pipeline's views v = p, p + P, ...: rows (image, k) sample-major, as u
+                y = self._finish(self._color(x[:, p::n_pipes].reshape(b * per_pipe, 3, c, c), aug, u), aug, u)
+            else:
+                y = self._pipeline(x, aug, per_pipe, u)
+            outs.append(y.view(b, per_pipe, 3, c, c))
         if n_pipes == 1:
             return outs[0]
         # Interleave: view v comes from pipeline v % P, its (v // P)-th view.
-        return torch.stack(outs, dim=2).reshape(b, self.n_views, 3, self.crop_size, self.crop_size)
+        return torch.stack(outs, dim=2).reshape(b, self.n_views, 3, c, c)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -270,6 +292,10 @@ class BatchedViews(torch.nn.Module):
             y = self._crop_flip(y, aug, u, per_image=1)
         else:
             y = self._color(self._crop_flip(x, aug, u, per_image=per_image), aug, u)
+        return self._finish(y, aug, u)
+
+    def _finish(self, y: Tensor, aug: Augment, u: Tensor) -> Tensor:
+        """Blur, solarize and normalize ``y [N, 3, crop, crop]`` in place (rows of ``u`` per sample)."""
         if aug.blur_p > 0.0:
             sigma = _uniform(u[:, _SIGMA], *aug.blur_sigma)
             k = aug.kernel_size

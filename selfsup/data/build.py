@@ -1,33 +1,70 @@
-"""From a ``DataConfig`` to datasets: the training views and the labelled evaluation splits.
+"""From a ``DataConfig`` to datasets: open the source once, then derive views and labelled splits.
+
+:func:`open_source` resolves the dataset name, root and the ``demo`` shortcut once into a
+:class:`DataSource`, which derives
+
+* the pretraining dataset and, in ``batched`` view mode, its view generator (:meth:`DataSource.train_views`);
+* labelled splits under an eval transform (:meth:`DataSource.eval_split`);
+* one augmented view per image, for augmented linear probes (:meth:`DataSource.augmented_split`).
+
+Whether images are decoded once into memory (``in_memory``: ``uint8 [3, H, W]`` tensors) or per
+sample (PIL images) is decided in one place, :meth:`DataSource.images`.
 
 Two ways to make views (``DataConfig.view_mode``):
 
 * ``per_image``: each loader worker decodes an image and runs the torchvision pipeline V times
-  (``MultiViewTransform``); the batch arrives as ``[B, V, 3, h, w]``.
-* ``batched``: the loader yields fixed-size uint8 images ``[B, 3, H, W]`` (decoded once into memory
-  with ``in_memory``, else decoded and resized per image) and ``BatchedViews`` makes all ``B x V``
-  views in one vectorised pass on the training device (see ``selfsup.engine.module``).
+  (``MultiViewTransform``); the batch arrives as ``[B, V, 3, h, w]`` float.
+* ``batched``: ``BatchedViews`` makes all ``B x V`` views in one vectorised pass on the training device
+  (see ``selfsup.engine.module``). With ``in_memory`` the loader yields the full images
+  ``uint8 [B, 3, H, W]`` and ``BatchedViews`` does everything. Otherwise images of arbitrary sizes cannot
+  be stacked at full size, so the loader crops and flips each view from the full decoded image
+  (torchvision's ``RandomResizedCrop`` box distribution) and yields ``uint8 [B, V, 3, crop, crop]``;
+  ``BatchedViews`` then applies only the photometric ops. All loader-side randomness comes from torch's
+  global RNG.
+
+The module-level functions (:func:`build_train_views`, :func:`build_eval_dataset`,
+:func:`train_augmented_dataset`, :func:`in_memory_dataset`) are thin wrappers over a fresh
+:class:`DataSource`; the in-memory decode is memoised per process, so they share it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch.utils.data import Dataset, Subset
 
 from selfsup.data.batched import BatchedViews
 from selfsup.data.datasets import TensorImageDataset, build_dataset, demo_dataset_path, load_uint8
+from selfsup.data.memory import ImageSizeMismatchError
 from selfsup.data.transforms import (
     Augment,
     MultiViewTransform,
     as_pipelines,
+    crop_flip_transform,
     eval_transform,
     get_preset,
     per_image_transform,
 )
+
+__all__ = [
+    "DataSource",
+    "open_source",
+    "MapDataset",
+    "TensorNormalize",
+    "train_pipelines",
+    "eval_preset",
+    "in_memory_dataset",
+    "build_train_views",
+    "build_eval_dataset",
+    "train_augmented_dataset",
+    "num_classes",
+]
+
+#: An augmentation given by preset name or as an :class:`Augment` (a preset's first pipeline is used).
+AugmentLike = Union[str, Augment]
 
 
 class MapDataset(Dataset):
@@ -82,32 +119,21 @@ def eval_preset(name: str) -> Augment:
     return as_pipelines(get_preset(name))[0]
 
 
-def _source(dataset: str, root: Optional[str]) -> tuple[str, Optional[str]]:
-    if dataset == "demo":
-        return "cifar10", str(demo_dataset_path())
-    return dataset, root
-
-
-def raw_dataset(dataset: str, root: Optional[str], split: str, transform=None, download: bool = False,
-                skip_corrupt: bool = False, class_list: Optional[str] = None) -> Dataset:
-    name, root = _source(dataset, root)
-    return build_dataset(name, root=root, split=split, transform=transform, download=download,
-                         skip_corrupt=skip_corrupt, class_list=class_list)
-
-
 @functools.lru_cache(maxsize=8)
-def _cached_uint8(dataset: str, root: Optional[str], split: str, size: Optional[int], skip_corrupt: bool,
-                  class_list: Optional[str]) -> TensorImageDataset:
-    ds = raw_dataset(dataset, root, split, skip_corrupt=skip_corrupt, class_list=class_list)
-    images, labels = load_uint8(ds, size=size)
+def _cached_uint8(name: str, root: Optional[str], split: str, size: Optional[int], skip_corrupt: bool,
+                  class_list: Optional[str], download: bool) -> TensorImageDataset:
+    ds = build_dataset(name, root=root, split=split, download=download, skip_corrupt=skip_corrupt,
+                       class_list=class_list)
+    try:
+        images, labels = load_uint8(ds, size=size)
+    except ImageSizeMismatchError as e:
+        raise ValueError(
+            f"data.in_memory stacks split '{split}' into one tensor but its images differ in size ({e}); "
+            f"set data.image_size to resize every image to image_size x image_size"
+        ) from e
     out = TensorImageDataset(images, labels)
     out.classes = list(ds.classes)
     return out
-
-
-def in_memory_dataset(cfg, split: str) -> TensorImageDataset:
-    """Decode ``split`` once into a uint8 tensor dataset (memoised per process)."""
-    return _cached_uint8(cfg.dataset, cfg.root, split, cfg.image_size, cfg.skip_corrupt, cfg.class_list)
 
 
 def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
@@ -121,53 +147,142 @@ def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
     return sub
 
 
+class DataSource:
+    """The images of one ``DataConfig``, resolved once; every dataset of a run derives from it.
+
+    Attributes:
+        cfg: the ``DataConfig``.
+        name, root: what :func:`~selfsup.data.datasets.build_dataset` gets (``demo`` resolves to
+            ``cifar10`` at the packaged sample).
+        in_memory: splits are decoded once into ``uint8`` tensors (``cfg.in_memory``).
+        pipelines: the training pipelines (preset plus ``augment_overrides``), built on first use.
+
+    ``cfg.image_size``: in memory, every image is resized to ``image_size x image_size`` (without it
+    the images keep their native size, which must then be the same for all); for batched views cropped
+    in the loader, the short side is resized to it before cropping (aspect kept). The per-image path
+    ignores it.
+    """
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        if cfg.dataset == "demo":
+            self.name, self.root = "cifar10", str(demo_dataset_path())
+        else:
+            self.name, self.root = cfg.dataset, cfg.root
+        self.in_memory = bool(cfg.in_memory)
+
+    @functools.cached_property
+    def pipelines(self) -> list[Augment]:
+        return train_pipelines(self.cfg)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, root={self.root!r}, in_memory={self.in_memory})"
+
+    # ---------------------------------------------------------------- images of a split
+
+    def raw(self, split: str, transform: Optional[Callable] = None) -> Dataset:
+        """``split`` decoded per sample (PIL images), ``transform`` applied to each."""
+        c = self.cfg
+        return build_dataset(self.name, root=self.root, split=split, transform=transform, download=c.download,
+                             skip_corrupt=c.skip_corrupt, class_list=c.class_list)
+
+    def decoded(self, split: str) -> TensorImageDataset:
+        """``split`` decoded once into ``uint8 [N, 3, H, W]`` (memoised per process; see ``image_size``)."""
+        c = self.cfg
+        return _cached_uint8(self.name, self.root, split, c.image_size, c.skip_corrupt, c.class_list, c.download)
+
+    def images(self, split: str, transform: Optional[Callable] = None,
+               tensor_transform: Optional[Callable] = None) -> Dataset:
+        """``split`` with ``transform`` applied to each image: the one in-memory-or-raw decision.
+
+        In memory the images are ``uint8 [3, H, W]`` tensors and ``tensor_transform`` (default
+        ``transform``) is applied; otherwise they are PIL images and ``transform`` is applied.
+        """
+        if self.in_memory:
+            tf = tensor_transform if tensor_transform is not None else transform
+            ds = self.decoded(split)
+            return ds if tf is None else MapDataset(ds, tf)
+        return self.raw(split, transform)
+
+    # ---------------------------------------------------------------- derived datasets
+
+    def resolve_augment(self, augment: Optional[AugmentLike] = None) -> Augment:
+        """``None``: the first training pipeline; a preset name: its first pipeline; an ``Augment``: itself."""
+        if augment is None:
+            return self.pipelines[0]
+        if isinstance(augment, Augment):
+            return augment
+        return eval_preset(augment)
+
+    def train_views(self, seed: int = 0) -> tuple[Dataset, Optional[BatchedViews]]:
+        """The pretraining dataset of ``cfg.train_split`` and, in ``batched`` mode, the view generator.
+
+        Samples: ``per_image``: ``float [V, 3, crop, crop]`` views; ``batched`` in memory: the full
+        ``uint8 [3, H, W]`` image; ``batched`` otherwise: ``uint8 [V, 3, crop, crop]`` crops (view ``v``
+        cropped and flipped by pipeline ``v % P``) for ``BatchedViews``' photometric ops. ``cfg.subset``
+        keeps a random subset, fixed by ``seed``.
+        """
+        c = self.cfg
+        pipelines = self.pipelines
+        if c.views < 1:
+            raise ValueError(f"data.views must be >= 1, got {c.views}")
+        if c.view_mode == "batched":
+            # Full-size images can be stacked only once decoded to one size in memory; otherwise the
+            # loader applies the geometry to the full image and yields stackable crops.
+            geometry = None if self.in_memory else MultiViewTransform(
+                [crop_flip_transform(a, resize=c.image_size) for a in pipelines], c.views)
+            return _subset(self.images(c.train_split, geometry), c.subset, seed), BatchedViews(pipelines, c.views)
+        multi = MultiViewTransform([per_image_transform(a) for a in pipelines], c.views)
+        return _subset(self.images(c.train_split, multi), c.subset, seed), None
+
+    def eval_split(self, split: str, limit: Optional[int] = None,
+                   augment: Optional[AugmentLike] = None) -> Dataset:
+        """Labelled ``split`` under the eval transform of ``augment`` (default: the first training
+        pipeline, so the normalisation matches training): ``float [3, crop, crop]`` images.
+
+        ``limit`` keeps a fixed, seeded random subset of that many images (for quick monitors).
+        """
+        aug = self.resolve_augment(augment)
+        return _subset(self.images(split, eval_transform(aug), tensor_transform=TensorNormalize(aug)), limit, seed=1234)
+
+    def augmented_split(self, split: str, augment: Optional[AugmentLike] = None) -> Dataset:
+        """One augmented view per image of ``split`` (``per_image_transform`` of ``augment``, default the
+        first training pipeline), re-drawn at every access: the augmented linear-probe protocol."""
+        return self.images(split, per_image_transform(self.resolve_augment(augment)))
+
+
+def open_source(cfg) -> DataSource:
+    """Resolve ``cfg`` (a ``DataConfig``) into a :class:`DataSource`."""
+    return DataSource(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# The functional API (thin wrappers)
+# --------------------------------------------------------------------------------------------------
+
+
+def in_memory_dataset(cfg, split: str) -> TensorImageDataset:
+    """Decode ``split`` once into a uint8 tensor dataset (memoised per process)."""
+    return open_source(cfg).decoded(split)
+
+
 def build_train_views(cfg, seed: int = 0) -> tuple[Dataset, Optional[BatchedViews]]:
     """The pretraining dataset and, for ``batched`` view mode, the on-device view generator."""
-    pipelines = train_pipelines(cfg)
-    if cfg.views < 1:
-        raise ValueError(f"data.views must be >= 1, got {cfg.views}")
-    if cfg.view_mode == "batched":
-        if cfg.in_memory:
-            ds: Dataset = in_memory_dataset(cfg, cfg.train_split)
-        else:
-            from torchvision.transforms import v2
-
-            size = cfg.image_size or pipelines[0].crop_size
-            load = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-            ds = raw_dataset(cfg.dataset, cfg.root, cfg.train_split, transform=load, download=cfg.download,
-                             skip_corrupt=cfg.skip_corrupt, class_list=cfg.class_list)
-        return _subset(ds, cfg.subset, seed), BatchedViews(pipelines, cfg.views)
-    multi = MultiViewTransform([per_image_transform(a) for a in pipelines], cfg.views)
-    if cfg.in_memory:
-        ds = MapDataset(in_memory_dataset(cfg, cfg.train_split), multi)
-    else:
-        ds = raw_dataset(cfg.dataset, cfg.root, cfg.train_split, transform=multi, download=cfg.download,
-                         skip_corrupt=cfg.skip_corrupt, class_list=cfg.class_list)
-    return _subset(ds, cfg.subset, seed), None
+    return open_source(cfg).train_views(seed)
 
 
-def build_eval_dataset(cfg, split: str, limit: Optional[int] = None, augment: Optional[str] = None) -> Dataset:
+def build_eval_dataset(cfg, split: str, limit: Optional[int] = None,
+                       augment: Optional[AugmentLike] = None) -> Dataset:
     """A labelled split under the eval transform of ``augment`` (default: the config's preset).
 
     ``limit`` keeps a fixed, seeded random subset of that many images (for quick monitors).
     """
-    aug = train_pipelines(cfg)[0] if augment is None else eval_preset(augment)  # same normalisation as training
-    if cfg.in_memory:
-        ds: Dataset = MapDataset(in_memory_dataset(cfg, split), TensorNormalize(aug))
-    else:
-        ds = raw_dataset(cfg.dataset, cfg.root, split, transform=eval_transform(aug), download=cfg.download,
-                         skip_corrupt=cfg.skip_corrupt, class_list=cfg.class_list)
-    return _subset(ds, limit, seed=1234)
+    return open_source(cfg).eval_split(split, limit, augment)
 
 
-def train_augmented_dataset(cfg, split: str, augment: Optional[str] = None) -> Dataset:
+def train_augmented_dataset(cfg, split: str, augment: Optional[AugmentLike] = None) -> Dataset:
     """One SSL-augmented view per image (the seeds' augmented linear-probe protocol)."""
-    aug = train_pipelines(cfg)[0] if augment is None else as_pipelines(get_preset(augment))[0]
-    tf = per_image_transform(aug)
-    if cfg.in_memory:
-        return MapDataset(in_memory_dataset(cfg, split), tf)
-    return raw_dataset(cfg.dataset, cfg.root, split, transform=tf, download=cfg.download,
-                       skip_corrupt=cfg.skip_corrupt, class_list=cfg.class_list)
+    return open_source(cfg).augmented_split(split, augment)
 
 
 def num_classes(ds: Dataset) -> int:

@@ -5,6 +5,8 @@ probabilities and ranges). It is turned into something executable in one of two 
 
 * :func:`per_image_transform` builds a torchvision (v2) pipeline that augments one image at a time,
   for use in DataLoader workers; :class:`MultiViewTransform` draws ``V`` views of one image from it.
+  :func:`crop_flip_transform` is its geometric part alone (uint8 crops, for batched views of images
+  that cannot be stacked at full size).
 * :class:`selfsup.data.batched.BatchedViews` applies the same augmentations to a whole batch at once,
   vectorised, on whatever device the batch lives on.
 
@@ -50,6 +52,7 @@ __all__ = [
     "get_preset",
     "as_pipelines",
     "per_image_transform",
+    "crop_flip_transform",
     "eval_transform",
     "MultiViewTransform",
 ]
@@ -315,6 +318,22 @@ def _color_ops(aug: Augment) -> list[torch.nn.Module]:
     return ops
 
 
+def _crop_flip_ops(aug: Augment) -> list[torch.nn.Module]:
+    """RandomResizedCrop (antialiased) and, unless ``flip_p`` is 0, RandomHorizontalFlip."""
+    ops: list[torch.nn.Module] = [
+        v2.RandomResizedCrop(
+            aug.crop_size,
+            scale=aug.scale,
+            ratio=aug.ratio,
+            interpolation=_INTERPOLATIONS[aug.interpolation],
+            antialias=True,
+        )
+    ]
+    if aug.flip_p > 0.0:
+        ops.append(v2.RandomHorizontalFlip(p=aug.flip_p))
+    return ops
+
+
 def per_image_transform(aug: Augment) -> Callable[[Any], torch.Tensor]:
     """Build the per-image training pipeline for ``aug`` with torchvision v2 transforms.
 
@@ -328,17 +347,7 @@ def per_image_transform(aug: Augment) -> Callable[[Any], torch.Tensor]:
     ops: list[torch.nn.Module] = [v2.ToImage()]
     if aug.color_first:
         ops += _color_ops(aug)
-    ops.append(
-        v2.RandomResizedCrop(
-            aug.crop_size,
-            scale=aug.scale,
-            ratio=aug.ratio,
-            interpolation=_INTERPOLATIONS[aug.interpolation],
-            antialias=True,
-        )
-    )
-    if aug.flip_p > 0.0:
-        ops.append(v2.RandomHorizontalFlip(p=aug.flip_p))
+    ops += _crop_flip_ops(aug)
     if not aug.color_first:
         ops += _color_ops(aug)
     ops.append(v2.ToDtype(torch.float32, scale=True))
@@ -348,6 +357,27 @@ def per_image_transform(aug: Augment) -> Callable[[Any], torch.Tensor]:
     if aug.solarize_p > 0.0:
         ops.append(v2.RandomSolarize(threshold=aug.solarize_threshold, p=aug.solarize_p))
     ops += [v2.Normalize(mean=list(aug.mean), std=list(aug.std)), _ToPlainTensor()]
+    return v2.Compose(ops)
+
+
+def crop_flip_transform(aug: Augment, resize: int | None = None) -> Callable[[Any], torch.Tensor]:
+    """The geometric ops of ``aug`` alone, per image: ``RandomResizedCrop`` + ``RandomHorizontalFlip``.
+
+    For batched views of images that cannot be stacked at full size: the loader crops each view from
+    the full decoded image here (the box drawn exactly as torchvision's ``RandomResizedCrop`` draws it,
+    on the image's own height and width; antialiased resize with ``aug.interpolation``) and
+    :class:`selfsup.data.batched.BatchedViews` applies the photometric ops to the stacked crops.
+
+    ``resize`` (optional) first resizes the short side to that many pixels, keeping the aspect ratio,
+    so the box distribution relative to the image is unchanged. The callable takes a PIL image or a
+    ``uint8 [3, H, W]`` tensor and returns a plain ``uint8 [3, crop, crop]`` tensor; its randomness comes
+    from torch's global RNG only (as every torchvision v2 transform's).
+    """
+    ops: list[torch.nn.Module] = [v2.ToImage()]
+    if resize is not None:
+        ops.append(v2.Resize(int(resize), antialias=True))
+    ops += _crop_flip_ops(aug)
+    ops.append(_ToPlainTensor())
     return v2.Compose(ops)
 
 

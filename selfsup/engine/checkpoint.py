@@ -1,4 +1,14 @@
-"""Checkpoint IO: atomic local writes, and the run-directory guard.
+"""Checkpoint IO and format: atomic local writes, the run-directory guard, format versions.
+
+A selfsup checkpoint is a Lightning checkpoint plus ``checkpoint["selfsup"]``: ``format`` (:data:`FORMAT`),
+``method``, ``backbone`` (the registry spec ``{name, kwargs}``), ``backbones`` (``{which: state-dict
+prefix}`` for ``online`` and every declared teacher with a backbone copy), ``num_features``, the run's
+config and RNG states. :func:`upgrade_checkpoint` brings older formats to this one in place, so
+evaluation, export and resume read every checkpoint selfsup ever wrote:
+
+* format 1 (first MMCR release): flat ``backbone_config``, ``backbone_prefix``, ``feature_dim``, and the
+  momentum branch as ``method.momentum.copies.{0,1}.*`` (backbone, projector), which format 2 declares as
+  the teacher ``method.teacher.{backbone,projector}.*``.
 
 A checkpoint is first written to a temporary file in the same directory, flushed to disk
 (``fsync``) and then renamed over the target, so a crash or a kill never leaves a half-written
@@ -15,6 +25,53 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from selfsup.models.registry import backbone_spec
+
+CHECKPOINT_KEY = "selfsup"
+FORMAT = 2
+_V1_TEACHER = {"method.momentum.copies.0.": "method.teacher.backbone.", "method.momentum.copies.1.": "method.teacher.projector."}
+
+
+def upgrade_checkpoint(checkpoint: dict) -> dict:
+    """Bring a selfsup checkpoint dict to :data:`FORMAT`, in place; returns it.
+
+    Raises ``ValueError`` for a dict that is not a selfsup checkpoint, or one from a newer selfsup.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict):
+        raise ValueError("not a selfsup training checkpoint (no 'selfsup' entry)")
+    version = int(meta.get("format", 1))
+    if version > FORMAT:
+        raise ValueError(f"checkpoint format {version} is newer than this selfsup reads ({FORMAT}); upgrade selfsup")
+    if version == 1:
+        state = checkpoint.get("state_dict", {})
+        renamed = {}
+        for k, v in state.items():
+            for old, new in _V1_TEACHER.items():
+                if k.startswith(old):
+                    k = new + k[len(old):]
+                    break
+            renamed[k] = v
+        checkpoint["state_dict"] = renamed
+        meta["backbone"] = backbone_spec(meta.pop("backbone_config"))
+        meta["backbones"] = {"online": meta.pop("backbone_prefix", "method.backbone.")}
+        if any(k.startswith("method.teacher.backbone.") for k in renamed):
+            meta["backbones"]["teacher"] = "method.teacher.backbone."
+        meta["num_features"] = meta.pop("feature_dim", None)
+        meta["format"] = FORMAT
+    return checkpoint
+
+
+def check_compatible(saved: dict, current: dict, path: str = "the checkpoint") -> None:
+    """The one resume check: the checkpoint must hold the same method and backbone as the configured run.
+
+    ``saved`` is an upgraded checkpoint's ``selfsup`` entry, ``current`` ``SelfSupModule.checkpoint_meta()``.
+    """
+    if saved.get("method") != current["method"] or saved.get("backbone") != current["backbone"]:
+        raise ValueError(
+            f"{path} holds {saved.get('method')} with backbone {saved.get('backbone')}, which differs from the "
+            f"configured {current['method']} with backbone {current['backbone']}; resume with the run's own config")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

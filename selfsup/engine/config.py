@@ -30,7 +30,9 @@ class DataConfig:
         view_mode: ``per_image`` (torchvision transforms in loader workers) or ``batched``
             (one vectorised op for the whole batch, on the training device).
         in_memory: decode the whole split once into a uint8 tensor (small datasets).
-        image_size: decode/resize size for ``in_memory`` / ``batched`` (default: the preset's crop size).
+        image_size: ``in_memory``: resize every image to ``image_size`` x ``image_size`` when decoding (default:
+            the native size; required when sizes differ). ``batched`` without ``in_memory``: resize the short side
+            to it (aspect kept) before the loader-side crop (default: no resize, crops from the full image).
         num_workers: loader worker processes.
         skip_corrupt: drop undecodable images (reported) instead of failing.
         subset: use only the first N images of the (shuffled, fixed-seed) train split.
@@ -64,7 +66,10 @@ class OptimConfig:
         lr: base learning rate (before batch scaling).
         scale_lr: ``linear`` gives ``lr * global_batch / 256`` (global batch = images per step over all devices).
         weight_decay: decoupled for adamw, L2 otherwise.
-        exclude_1d: keep 1-D parameters (biases, BN) out of weight decay (always so for LARS, also out of adaptation).
+        exclude_1d: keep 1-D parameters (biases, norms) and what the model's ``no_weight_decay()`` names
+            (position embeddings, class tokens) out of weight decay (always so for LARS, also out of adaptation).
+            ``false`` decays everything, as the MMCR seeds' Adam did.
+        betas: Adam / AdamW betas (MAE: ``[0.9, 0.95]``).
         momentum: SGD / LARS momentum.
         eta: LARS trust coefficient.
         schedule: ``cosine`` (warm-up then half-cosine) or ``constant`` (warm-up then flat).
@@ -76,7 +81,8 @@ class OptimConfig:
     lr: float = 1e-3
     scale_lr: Literal["none", "linear", "sqrt"] = "none"
     weight_decay: float = 1e-6
-    exclude_1d: bool = False
+    exclude_1d: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     eta: float = 0.001
     schedule: Literal["cosine", "constant"] = "constant"
@@ -95,6 +101,7 @@ class MonitorConfig:
         bank_size: limit the bank to the first N bank-split images (None = whole split).
         test_size: limit the queries to the first N test images (None = whole split).
         batch_size: feature-extraction batch per device.
+        which: the backbone scored: ``online`` or a teacher the method declares (``teacher``).
     """
 
     every_n_epochs: int = 1
@@ -103,6 +110,7 @@ class MonitorConfig:
     bank_size: Optional[int] = None
     test_size: Optional[int] = None
     batch_size: int = 512
+    which: str = "online"
 
 
 @dataclass

@@ -1,36 +1,45 @@
 """One LightningModule for every method.
 
-It owns what is generic: optimiser and per-step schedule, on-device view generation, the
-non-finite-loss check, logging, EMA hooks and what a checkpoint carries beyond Lightning's own state
-(RNG states, the backbone config evaluation needs). The method owns the model and the loss.
+It owns what is generic: views (made by one call, :meth:`SelfSupModule.make_views`, that the method can
+also call), the :class:`~selfsup.methods.base.Batch` the method receives, the method's keyed random
+stream, optimiser parameter groups and the per-step schedule, the non-finite-loss check, logging, the
+teachers' EMA step, and what a checkpoint carries beyond Lightning's own state (format version, backbone
+spec and where each declared backbone lives in the state dict, RNG states). The method owns the model
+and the loss.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import numpy as np
 import torch
+from torch import Tensor
 
+from selfsup.data.keyed import key_seed
+from selfsup.engine.checkpoint import CHECKPOINT_KEY, FORMAT, check_compatible, upgrade_checkpoint
 from selfsup.engine.config import OptimConfig
-from selfsup.engine.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
-from selfsup.methods.base import Method
+from selfsup.engine.optim import build_optimizer, build_scheduler, method_param_groups, scaled_lr
+from selfsup.methods.base import Batch, Method
 
-CHECKPOINT_KEY = "selfsup"
+# Independent random streams of one (step, rank, micro-batch).
+STREAM_VIEWS, STREAM_METHOD = 0, 1
 
 
 class SelfSupModule(L.LightningModule):
     """Trains ``method`` with ``optim``.
 
     Args:
-        method: the method (an ``nn.Module`` with ``training_loss``).
+        method: the method (a :class:`~selfsup.methods.base.Method`).
         optim: optimiser / schedule config.
-        view_generator: optional ``BatchedViews``; when set, a training batch of uint8 images
-            ``[B, 3, H, W]`` is turned into ``[B, V, 3, h, w]`` views on the device, with an RNG keyed on
-            ``(seed, global_step, rank)`` so that a resumed run draws exactly the same views.
+        view_maker: ``fn(images, generator) -> [B, V, C, h, w]``: ``BatchedViews`` (views made on the
+            device from uint8 batches, ``[B, 3, H, W]`` or loader-cropped ``[B, V, 3, h, w]``) or
+            ``PerImageViews`` (per-image mode: the loader already made the training views; this serves
+            :meth:`make_views` calls of the method).
+        views_on_device: the loader yields images, not views; ``view_maker`` makes every batch's views.
         seed: run seed.
         channels_last: feed NHWC tensors.
         meta: JSON-able facts stored in every checkpoint under ``"selfsup"`` (config, dataset...).
@@ -40,7 +49,8 @@ class SelfSupModule(L.LightningModule):
         self,
         method: Method,
         optim: OptimConfig,
-        view_generator: Optional[torch.nn.Module] = None,
+        view_maker: Optional[Callable[[Tensor, torch.Generator], Tensor]] = None,
+        views_on_device: bool = False,
         seed: int = 0,
         channels_last: bool = False,
         meta: Optional[dict] = None,
@@ -48,41 +58,57 @@ class SelfSupModule(L.LightningModule):
         super().__init__()
         self.method = method
         self.optim_cfg = optim
-        self.view_generator = view_generator
+        self.view_maker = view_maker
+        self.views_on_device = views_on_device and view_maker is not None
         self.seed = seed
         self.channels_last = channels_last
         self.meta = dict(meta or {})
 
-    # ----------------------------------------------------------------- data
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images, labels = batch
-        if self.view_generator is not None and images.dim() == 4:
-            gen = torch.Generator(device=images.device)
-            gen.manual_seed(_mix(self.seed, self.global_step, self.global_rank))
-            images = self.view_generator(images, generator=gen)
-        return images, labels
+    # ------------------------------------------------------------------------------ randomness
+    def generator(self, stream: int, step: int, micro: int = 0, device: Optional[torch.device] = None) -> torch.Generator:
+        """A generator keyed on ``(seed, step, rank, micro-batch, stream)``: the same numbers after a resume."""
+        gen = torch.Generator(device=device or self.device)
+        gen.manual_seed(key_seed(self.seed, step, self.global_rank, micro, stream))
+        return gen
 
-    # ------------------------------------------------------------ training
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        views, _ = batch
+    def make_views(self, images: Tensor, step: int, micro: int = 0) -> Tensor:
+        """Views ``[B, V, C, h, w]`` of uint8 ``images`` for ``step``, exactly as the engine makes them."""
+        if self.view_maker is None:
+            raise RuntimeError("no view maker: this run got ready-made views from its dataset")
+        with torch.autocast(images.device.type, enabled=False):
+            return self.view_maker(images, self.generator(STREAM_VIEWS, step, micro, images.device))
+
+    def on_fit_start(self) -> None:
+        self.method.bind_view_maker(self.make_views if self.view_maker is not None else None)
+
+    def _micro(self, batch_idx: int) -> int:
+        return batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels, indices = batch
+        step, micro = self.global_step, self._micro(batch_idx)
+        views = self.make_views(images, step, micro) if self.views_on_device else images
         if self.channels_last:
             b, v = views.shape[:2]
             views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
+        max_steps = int(self.trainer.estimated_stepping_batches)
+        inp = Batch(views=views, labels=torch.as_tensor(labels), indices=torch.as_tensor(indices), step=step,
+                    max_steps=max_steps, epoch=self.current_epoch,
+                    generator=self.generator(STREAM_METHOD, step, micro, views.device))
         hint = ("lower the learning rate, use fp32 (--trainer.precision 32-true) or check the data; "
                 "checkpoints already written are left untouched")
-        self.method.step, self.method.max_steps = self.global_step, int(self.trainer.estimated_stepping_batches)
         try:
-            out = self.method.training_loss(views)
+            out = self.method.training_loss(inp)
         except FloatingPointError as e:
-            raise FloatingPointError(f"non-finite values at step {self.global_step}, epoch {self.current_epoch}: {e}; "
-                                     f"{hint}") from e
+            raise FloatingPointError(f"non-finite values at step {step}, epoch {self.current_epoch}: {e}; {hint}") from e
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}, epoch {self.current_epoch}; {hint}"
-            )
+                f"non-finite training loss ({loss.item()}) at step {step}, epoch {self.current_epoch}; {hint}")
         logs = {f"train/{k}": v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-        logs["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        for group in self.optimizers().param_groups[:1]:
+            logs["train/lr"] = torch.tensor(group["lr"] / group.get("lr_mult", 1.0))
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=views.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=views.shape[0])
         return loss
@@ -98,41 +124,39 @@ class SelfSupModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        images_per_device = int(self.meta.get("batch_size", 1))
-        lr = scaled_lr(cfg.lr, self.global_batch_size(images_per_device), rule=cfg.scale_lr)
-        exclude_1d = cfg.exclude_1d or cfg.name == "lars"
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        trainable = {id(p) for p in params}
-        groups = [
-            {**g, "params": [p for p in g["params"] if id(p) in trainable]}
-            for g in param_groups(self.method, cfg.weight_decay, exclude_1d)
-        ]
-        groups = [g for g in groups if g["params"]]
-        optimizer = build_optimizer(
-            groups, cfg.name, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.eta,
-            exclude_1d=exclude_1d,
-        )
+        lr = scaled_lr(cfg.lr, self.global_batch_size(int(self.meta.get("batch_size", 1))), rule=cfg.scale_lr)
+        groups = method_param_groups(self.method, lr, cfg.weight_decay, cfg.exclude_1d or cfg.name == "lars")
+        optimizer = build_optimizer(groups, cfg.name, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                    betas=tuple(cfg.betas), eta=cfg.eta)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = self.trainer.num_training_batches
         if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
             steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         steps_per_epoch = max(1, steps_per_epoch // self.trainer.accumulate_grad_batches)
-        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
         scheduler = build_scheduler(optimizer, total, warmup, cfg.final_lr_ratio, cfg.schedule)
         self.meta["peak_lr"] = lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # --------------------------------------------------------- checkpoints
+    # ---------------------------------------------------------------------------- checkpoints
+    def checkpoint_meta(self) -> dict:
+        """What evaluation needs without the method: backbone spec and where each backbone's weights live."""
+        names = {id(m): n for n, m in self.method.named_modules()}
+        backbones = {}
+        for which in ["online", *self.method.teacher_names]:
+            try:
+                backbones[which] = f"method.{names[id(self.method.backbone_for(which))]}."
+            except ValueError:  # a teacher without a backbone copy
+                continue
+        return {"format": FORMAT, "method": type(self.method).__name__, "backbone": dict(self.method.backbone_spec),
+                "backbones": backbones, "num_features": int(self.method.num_features)}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         np_state = np.random.get_state()
         checkpoint[CHECKPOINT_KEY] = {
-            "format": 1,
-            "backbone_config": dict(self.method.backbone_config),
-            "method": type(self.method).__name__,
-            "backbone_prefix": "method.backbone.",
-            "feature_dim": int(self.method.feature_dim),
-            "optim": asdict(self.optim_cfg),
             **_jsonable(self.meta),
+            **_jsonable(self.checkpoint_meta()),
+            "optim": _jsonable(asdict(self.optim_cfg)),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": _py_state_to_tensor(random.getstate()),
@@ -142,35 +166,21 @@ class SelfSupModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if meta is None:
-            raise ValueError("this checkpoint was not written by selfsup (no 'selfsup' entry); cannot resume from it")
-        if meta["backbone_config"] != self.method.backbone_config:
-            raise ValueError(
-                f"checkpoint backbone {meta['backbone_config']} differs from the configured "
-                f"{self.method.backbone_config}; resume with the run's own config"
-            )
-        rng = meta.get("rng")
+        upgrade_checkpoint(checkpoint)  # format 1 -> current, in place (keys of the teacher, backbone spec)
+        check_compatible(checkpoint[CHECKPOINT_KEY], self.checkpoint_meta())
+        rng = checkpoint[CHECKPOINT_KEY].get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(_py_state_from_tensor(rng["python"]))
             np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
 
 
-def _mix(*xs: int) -> int:
-    """Deterministic 63-bit mix of a few integers (seed for a per-step generator)."""
-    h = 1469598103934665603
-    for x in xs:
-        h = ((h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
-
-
-def _py_state_to_tensor(state: tuple) -> torch.Tensor:
+def _py_state_to_tensor(state: tuple) -> Tensor:
     version, internal, gauss = state
     return torch.tensor([version, *internal, -1 if gauss is None else 0], dtype=torch.int64)
 
 
-def _py_state_from_tensor(t: torch.Tensor) -> tuple:
+def _py_state_from_tensor(t: Tensor) -> tuple:
     vals = t.tolist()
     return (vals[0], tuple(vals[1:-1]), None)
 

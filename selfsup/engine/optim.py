@@ -25,6 +25,8 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "param_groups",
+    "method_param_groups",
+    "no_weight_decay_ids",
     "build_optimizer",
     "scaled_lr",
     "warmup_cosine",
@@ -177,6 +179,63 @@ def param_groups(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
     return groups
+
+
+def no_weight_decay_ids(model: nn.Module) -> set[int]:
+    """Ids of the parameters that some submodule's ``no_weight_decay()`` names (timm convention).
+
+    Names are relative to the module that lists them (a ViT's ``pos_embed``, ``cls_token``); names of
+    absent parameters (timm lists ``dist_token`` for every ViT) are ignored.
+    """
+    ids: set[int] = set()
+    for m in model.modules():
+        fn = getattr(m, "no_weight_decay", None)
+        if not callable(fn):
+            continue
+        for name in fn():
+            try:
+                ids.add(id(m.get_parameter(name)))
+            except AttributeError:
+                continue
+    return ids
+
+
+def method_param_groups(method: nn.Module, lr: float, weight_decay: float, exclude: bool) -> list[dict[str, Any]]:
+    """Optimiser groups from ``method.param_groups()``: each group's ``lr_mult`` and ``weight_decay``, split
+    so that (with ``exclude``) 1-D parameters and what ``no_weight_decay()`` names get no weight decay and,
+    for LARS, no trust ratio.
+
+    Every returned group carries ``name``, ``lr = lr * lr_mult`` (the scheduler scales it per step),
+    ``lr_mult`` and ``weight_decay``. Frozen parameters are skipped; a trainable parameter that no group
+    lists, or that two groups list, is an error naming it.
+    """
+    names = {id(p): n for n, p in method.named_parameters()}
+    trainable = {id(p) for p in method.parameters() if p.requires_grad}
+    nwd = no_weight_decay_ids(method) if exclude else set()
+    seen: set[int] = set()
+    out: list[dict[str, Any]] = []
+    for g in method.param_groups():
+        name, mult = str(g.get("name", f"group{len(out)}")), float(g.get("lr_mult", 1.0))
+        wd = float(g.get("weight_decay", weight_decay))
+        params = [p for p in g["params"] if p.requires_grad]
+        twice = [names.get(id(p), "?") for p in params if id(p) in seen]
+        if twice:
+            raise ValueError(f"parameter group '{name}' repeats parameters of an earlier group: {twice[:5]}")
+        seen.update(id(p) for p in params)
+        plain = [p for p in params if not (exclude and (p.ndim <= 1 or id(p) in nwd))]
+        no_decay = [p for p in params if exclude and (p.ndim <= 1 or id(p) in nwd)]
+        common = {"lr": lr * mult, "lr_mult": mult}
+        if plain:
+            out.append({"name": name, "params": plain, "weight_decay": wd, **common})
+        if no_decay:
+            out.append({"name": f"{name}/no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True,
+                        **common})
+    missing = [names.get(i, "?") for i in trainable - seen]
+    if missing:
+        raise ValueError(f"trainable parameters in no parameter group: {sorted(missing)[:5]}")
+    if not out:
+        raise ValueError("the method has no trainable parameters")
+    return out
 
 
 def build_optimizer(

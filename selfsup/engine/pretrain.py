@@ -16,20 +16,46 @@ from torch.utils.data import DataLoader
 
 from selfsup.data.batched import BatchedViews
 from selfsup.data.build import build_eval_dataset, build_train_views, num_classes, train_pipelines
+from selfsup.data.keyed import KeyedDataset, PerImageViews
 from selfsup.data.sampler import ShardedEpochSampler
+from selfsup.data.transforms import MultiViewTransform
 from selfsup.engine.callbacks import KNNMonitor
-from selfsup.engine.checkpoint import AtomicCheckpointIO, resolve_resume
+from selfsup.engine.checkpoint import AtomicCheckpointIO, check_compatible, resolve_resume
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
 from selfsup.engine.module import SelfSupModule
 from selfsup.methods.base import Method
 
 
 class SelfSupData(L.LightningDataModule):
-    """Training loader: views of ``data.train_split``, seeded order, sharded by rank, full batches."""
+    """Training loader: ``(images or views, label, index)`` of ``data.train_split``, seeded order, sharded by
+    rank, full batches, per-sample augmentation keyed on (seed, epoch, index), and a mid-epoch resume that
+    starts after the batches the checkpoint had already consumed."""
 
     def __init__(self, cfg: DataConfig, seed: int, dataset=None):
         super().__init__()
         self.cfg, self.seed, self.dataset = cfg, seed, dataset
+        self._resume: tuple[int, int] = (0, 0)  # (epoch, batches of it already trained), from a checkpoint
+
+    def _batches_per_epoch(self) -> int:
+        world = self.trainer.world_size if self.trainer else 1
+        return (len(self.dataset) // world) // self.cfg.batch_size
+
+    def state_dict(self) -> dict:
+        """Where the data stream stands: the epoch and how many of its batches were trained on.
+
+        A checkpoint is written at an optimiser-step boundary, so the run has consumed ``global_step *
+        accumulate`` batches, ``epoch * batches_per_epoch`` of them in earlier epochs. A finished epoch
+        is stored as the start of the next.
+        """
+        t, per_epoch = self.trainer, self._batches_per_epoch()
+        done = t.global_step * t.accumulate_grad_batches - t.current_epoch * per_epoch
+        if done >= per_epoch:
+            return {"epoch": t.current_epoch + 1, "consumed_batches": 0}
+        return {"epoch": t.current_epoch, "consumed_batches": max(0, done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Restored before the trainer builds the loader (which it may iterate before calling set_epoch).
+        self._resume = (int(state["epoch"]), int(state["consumed_batches"]))
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer else 0
@@ -40,10 +66,30 @@ class SelfSupData(L.LightningDataModule):
                 f"data.batch_size={self.cfg.batch_size} per device is larger than the {n // world} training images "
                 f"each of the {world} process(es) gets; lower data.batch_size"
             )
-        sampler = ShardedEpochSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world)
+        epoch, consumed = self._resume
+        skip = consumed * self.cfg.batch_size
+        sampler = ShardedEpochSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world, keyed=True,
+                                      epoch=epoch, start=lambda e: skip if e == epoch else 0)
         workers = self.cfg.num_workers
-        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(KeyedDataset(self.dataset, self.seed), batch_size=self.cfg.batch_size, sampler=sampler,
+                          drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+
+class FinalCheckpoint(L.Callback):
+    """``last.ckpt`` always holds the final step: training that stops between periodic saves (``max_steps``,
+    ``max_time``, ``max_epochs`` not a multiple of the period) writes it once more at the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved = None
+        if self.path.is_file() and trainer.is_global_zero:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        saved = trainer.strategy.broadcast(saved)
+        if saved != trainer.global_step:
+            trainer.save_checkpoint(self.path)
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -59,18 +105,14 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if native else "32-true"
 
 
-def _check_resumable(ckpt_path: str, method: Method) -> None:
-    """Fail before any work when the checkpoint cannot continue this run."""
+def _check_resumable(ckpt_path: str, module: SelfSupModule) -> None:
+    """Fail before any work when the checkpoint cannot continue this run (the same check as on load)."""
     from selfsup.eval.load import checkpoint_meta
 
     meta = checkpoint_meta(ckpt_path)
     if not meta:
         raise ValueError(f"'{ckpt_path}' was not written by selfsup pretrain (no 'selfsup' entry); cannot resume from it")
-    if meta["backbone_config"] != method.backbone_config or meta["method"] != type(method).__name__:
-        raise ValueError(
-            f"'{ckpt_path}' holds {meta['method']} with backbone {meta['backbone_config']}, which differs from the "
-            f"configured {type(method).__name__} with {method.backbone_config}; resume with the run's own config"
-        )
+    check_compatible(meta, module.checkpoint_meta(), path=f"'{ckpt_path}'")
 
 
 def _logger(cfg: TrainerConfig):
@@ -106,20 +148,26 @@ def pretrain(
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")  # kNN is reduced already
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")  # SelfSupData resumes it
     out = Path(trainer.out_dir)
     ckpt_path = resolve_resume(out, trainer.resume)  # fails before any work when the run dir is taken
-    if ckpt_path is not None:
-        _check_resumable(ckpt_path, method)
     L.seed_everything(trainer.seed, workers=True, verbose=False)
     if train_dataset is None:
         train_ds, view_gen = build_train_views(data, seed=trainer.seed)
     else:  # a ready dataset (Python API): uint8 images for batched views, else [V, C, H, W] view stacks
         train_ds = train_dataset
         view_gen = BatchedViews(train_pipelines(data), data.views) if data.view_mode == "batched" else None
+    views_on_device = view_gen is not None
+    if view_gen is None:  # per-image views come from the loader; this one serves the method's make_views calls
+        view_gen = PerImageViews(MultiViewTransform(train_pipelines(data), data.views))
     meta = {"config": config or {}, "batch_size": data.batch_size, "augment": data.augment,
             "dataset": data.dataset, "root": data.root, "views": data.views}
-    module = SelfSupModule(method, optim, view_generator=view_gen, seed=trainer.seed,
+    module = SelfSupModule(method, optim, view_maker=view_gen, views_on_device=views_on_device, seed=trainer.seed,
                            channels_last=trainer.channels_last, meta=meta)
+    if ckpt_path is not None:
+        _check_resumable(ckpt_path, module)
+    if monitor.every_n_epochs:
+        method.backbone_for(monitor.which)  # an unknown name fails now, not after the first epoch
     if trainer.channels_last:
         module = module.to(memory_format=torch.channels_last)
 
@@ -127,17 +175,18 @@ def pretrain(
         ModelCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch:04d}", auto_insert_metric_name=False,
                         every_n_epochs=trainer.save_every_n_epochs, save_top_k=-1, save_last=True),
     ]
+    callbacks.append(FinalCheckpoint(out / "checkpoints" / "last.ckpt"))
     if trainer.save_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}",
                                          auto_insert_metric_name=False, every_n_train_steps=trainer.save_every_n_steps,
-                                         save_top_k=-1))
+                                         save_top_k=-1, save_last=True))
     knn = None
     if monitor.every_n_epochs:
         bank = build_eval_dataset(data, data.bank_split, limit=monitor.bank_size)
         test = build_eval_dataset(data, data.test_split, limit=monitor.test_size)
         knn = KNNMonitor(bank, test, num_classes(bank), every_n_epochs=monitor.every_n_epochs, k=monitor.k,
                          temperature=monitor.temperature, batch_size=monitor.batch_size,
-                         num_workers=0 if data.in_memory else data.num_workers)
+                         num_workers=0 if data.in_memory else data.num_workers, which=monitor.which)
         callbacks.append(knn)
     if trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, trainer.log_every_n_steps // 4)))

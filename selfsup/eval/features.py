@@ -13,14 +13,14 @@ model exactly as it was.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["eval_mode", "extract_features", "split_batch"]
+__all__ = ["check_labels", "eval_mode", "extract_features", "split_batch"]
 
 
 @contextlib.contextmanager
@@ -53,6 +53,22 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     else:
         raise TypeError(f"expected an (inputs, labels) batch, got {type(batch).__name__}")
     return x, torch.as_tensor(y, dtype=torch.long)
+
+
+def check_labels(labels: Tensor | Sequence[int], num_classes: int, name: str) -> Tensor:
+    """``labels`` as a flat int64 tensor, checked to lie in ``[0, num_classes)``.
+
+    The one label check of the evaluation code (kNN and linear probes): a label outside the range
+    is a ``ValueError`` naming ``name`` and the range found, never a silently narrower score matrix
+    or an out-of-bounds scatter.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, num_classes={num_classes}), "
+            f"got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -11,26 +11,30 @@ What the reference repositories got wrong and what this module does instead:
   head (best validation epoch) and once with the last-epoch head of the same candidate, and both
   numbers are reported.
 
-Two protocols share one training loop:
+Everything a probe trains with is one :class:`ProbeConfig` (epochs, lr / weight-decay grid,
+batch, optimiser, head, schedule, validation fraction, seed); the named presets of the seeds'
+protocols live in :mod:`selfsup.eval.protocols`. Two ways to feed the head share one loop:
 
 * :func:`linear_probe_cached` trains on pre-extracted features (fast; no augmentation).
 * :func:`linear_probe_augmented` forwards the frozen backbone on a freshly augmented view of
   every training image at every epoch (the seeds' protocol); validation and test features use
   the eval transform and are extracted once.
 
-With the same inputs (no augmentation), the same seed and hyper-parameters, both protocols
-see identical mini-batches in identical order and reach the same numbers.
+With the same inputs (no augmentation), the same config, both see identical mini-batches in
+identical order and reach the same numbers.
 
 The head is ``BatchNorm1d(F, affine=False)`` (parameter-free feature standardisation, MAE/MEC
-style; optional) followed by ``Linear(F, C)`` initialised ``N(0, 0.01)`` with zero bias, trained
-with cross-entropy, SGD with momentum 0.9 (or Adam) and a cosine learning-rate schedule
-stepped **per optimisation step** (no zero-lr epoch). Weight decay applies to the linear weight
-only (not the bias).
+style; ``feature_norm="none"`` drops it, as the MMCR seeds do) followed by ``Linear(F, C)``
+initialised ``N(0, 0.01)`` with zero bias, trained with cross-entropy, SGD / Adam / LARS
+(:func:`selfsup.engine.optim.build_optimizer`) and the shared per-step schedule
+:class:`selfsup.engine.optim.WarmupSchedule` (linear warm-up whose first step already has a
+non-zero lr, then half-cosine). Weight decay applies to the linear weight only (not the bias).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import time
@@ -44,10 +48,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from selfsup.eval.features import _autocast, eval_mode, extract_features, split_batch
+from selfsup.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from selfsup.eval.features import _autocast, check_labels, eval_mode, extract_features, split_batch
 from selfsup.eval.knn import topk_accuracy
 
 __all__ = [
+    "ProbeConfig",
     "ProbeResult",
     "build_linear_head",
     "evaluate_head",
@@ -57,11 +63,87 @@ __all__ = [
     "linear_probe_augmented",
 ]
 
-OptimizerName = Literal["sgd", "adam"]
+OptimizerName = Literal["sgd", "adam", "lars"]
 FeatureNorm = Literal["bn", "none"]
 
 #: A function mapping the list of index batches of one epoch to ``(features, labels)`` batches.
 BatchSource = Callable[[list[Tensor]], Iterable[tuple[Tensor, Tensor]]]
+
+
+def _floats(value: float | Sequence[float], name: str) -> tuple[float, ...]:
+    out = (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+    if not out:
+        raise ValueError(f"{name} must hold at least one value")
+    return out
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Everything a linear probe trains with and selects on.
+
+    Attributes:
+        epochs: training epochs of each candidate.
+        lrs: base learning rates; with ``weight_decays`` they form a grid selected on validation
+            (a single value is a plain run). A scalar is accepted.
+        weight_decays: L2 coefficients of the linear weight (never the bias). A scalar is accepted.
+        batch_size: head mini-batch.
+        optimizer: ``sgd``, ``adam`` (coupled L2, as the seeds) or ``lars`` (trust ratio on the
+            weight, bias excluded).
+        momentum: SGD / LARS momentum.
+        feature_norm: ``bn`` puts ``BatchNorm1d(F, affine=False)`` before the linear layer,
+            ``none`` is a bare linear layer.
+        warmup_epochs: linear warm-up length in epochs (counted in steps, clipped to the run; the
+            first step already has a non-zero lr), then half-cosine to ``final_lr_ratio x`` peak at
+            the last step.
+        final_lr_ratio: end of the cosine as a fraction of the peak.
+        scale_lr: ``linear`` / ``sqrt`` scale each lr by ``batch_size / 256``
+            (:func:`selfsup.engine.optim.scaled_lr`); ``none`` uses it as given.
+        val_fraction: part of the train split held out (stratified) for selection; 0 disables
+            selection (then a single (lr, wd) is required and the best head is the last one).
+        seed: split, head init and mini-batch order.
+        refit_on_full_train: cached probe only: after selection retrain the selected candidate on
+            the whole train split (see :func:`linear_probe_cached`).
+    """
+
+    epochs: int = 100
+    lrs: tuple[float, ...] = (0.1,)
+    weight_decays: tuple[float, ...] = (0.0,)
+    batch_size: int = 256
+    optimizer: OptimizerName = "sgd"
+    momentum: float = 0.9
+    feature_norm: FeatureNorm = "bn"
+    warmup_epochs: float = 0.0
+    final_lr_ratio: float = 0.0
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"
+    val_fraction: float = 0.1
+    seed: int = 0
+    refit_on_full_train: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lrs", _floats(self.lrs, "lrs"))
+        object.__setattr__(self, "weight_decays", _floats(self.weight_decays, "weight_decays"))
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.optimizer not in ("sgd", "adam", "lars"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'lars', got {self.optimizer!r}")
+        if self.feature_norm not in ("bn", "none"):
+            raise ValueError(f"feature_norm must be 'bn' or 'none', got {self.feature_norm!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.warmup_epochs < 0 or self.final_lr_ratio < 0:
+            raise ValueError(f"warmup_epochs and final_lr_ratio must be >= 0, got {self.warmup_epochs}, "
+                             f"{self.final_lr_ratio}")
+        scaled_lr(1.0, self.batch_size, rule=self.scale_lr)  # validates the rule
+
+    def peak_lr(self, lr: float) -> float:
+        """The peak learning rate of a candidate: ``lr`` scaled by ``batch_size / 256`` per ``scale_lr``."""
+        return scaled_lr(lr, self.batch_size, rule=self.scale_lr)
+
+
+def _resolve(cfg: ProbeConfig | None, overrides: dict[str, Any]) -> ProbeConfig:
+    """``cfg`` (default ``ProbeConfig()``) with ``overrides`` replacing fields by name."""
+    cfg = ProbeConfig() if cfg is None else cfg
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,18 +236,6 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return steps
 
 
-def _cosine(base_lr: float, step: int, total_steps: int) -> float:
-    """Cosine decay from ``base_lr`` at step 0 towards 0 at ``total_steps``."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
-
-
-def _check_labels(labels: Tensor, num_classes: int, name: str) -> Tensor:
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{name} must lie in [0, num_classes={num_classes})")
-    return labels
-
-
 # --------------------------------------------------------------------------------------------
 # the shared training loop
 # --------------------------------------------------------------------------------------------
@@ -178,76 +248,59 @@ def _fit_head(
     val_f: Tensor,
     val_y: Tensor,
     num_classes: int,
-    *,
-    epochs: int,
+    cfg: ProbeConfig,
     lr: float,
     weight_decay: float,
-    batch_size: int,
-    optimizer: OptimizerName,
-    momentum: float,
-    seed: int,
-    feature_norm: FeatureNorm,
     device: torch.device,
     keep_epoch: int | None = None,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one head; see :func:`train_linear_on_features` for the returned dict.
+    """Train one head with base lr ``lr``; see :func:`train_linear_on_features` for the result.
 
     ``keep_epoch`` (1-based) forces the "best" head to be the one after that epoch (used when
     refitting without a validation split); otherwise best = highest validation top-1 (earliest
     epoch on ties), or the last epoch when there is no validation data.
     """
-    if epochs < 1 or n_train < 1 or batch_size < 1:
-        raise ValueError("epochs, the training-set size and batch_size must be >= 1")
-    g_init = torch.Generator().manual_seed(seed)
-    g_shuffle = torch.Generator().manual_seed(seed + 1)
-    head = build_linear_head(in_features, num_classes, feature_norm, generator=g_init).to(device)
+    if n_train < 1:
+        raise ValueError("the training set is empty")
+    g_init = torch.Generator().manual_seed(cfg.seed)
+    g_shuffle = torch.Generator().manual_seed(cfg.seed + 1)
+    head = build_linear_head(in_features, num_classes, cfg.feature_norm, generator=g_init).to(device)
 
-    decay = [head.fc.weight]
-    no_decay = [head.fc.bias]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=lr)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    groups = [{"params": [head.fc.weight], "weight_decay": weight_decay},
+              {"params": [head.fc.bias], "weight_decay": 0.0, "lars_exclude": True}]
+    opt = build_optimizer(groups, cfg.optimizer, lr=cfg.peak_lr(lr), weight_decay=weight_decay, momentum=cfg.momentum)
+    steps_per_epoch = _steps_per_epoch(n_train, cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    schedule = build_scheduler(opt, total_steps, warmup_steps, cfg.final_lr_ratio, "cosine")
 
-    steps_per_epoch = _steps_per_epoch(n_train, batch_size)
-    total_steps = epochs * steps_per_epoch
     has_val = val_f.shape[0] > 0
-    step = 0
     val_curve: list[float] = []
     loss_curve: list[float] = []
     best_val = -math.inf
-    best_epoch = epochs if keep_epoch is None else keep_epoch
+    best_epoch = cfg.epochs if keep_epoch is None else keep_epoch
     best_state: dict[str, Tensor] | None = None
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, cfg.epochs + 1):
         head.train()
         loss_sum = torch.zeros((), device=device)
         n_seen = 0
-        for feats, labels in batch_source(_epoch_batches(n_train, batch_size, g_shuffle)):
+        for feats, labels in batch_source(_epoch_batches(n_train, cfg.batch_size, g_shuffle)):
             feats = feats.to(device, non_blocking=True).float()
             labels = labels.to(device, non_blocking=True)
-            lr_now = _cosine(lr, step, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr_now
             loss = F.cross_entropy(head(feats), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            schedule.step()
             loss_sum += loss.detach() * labels.numel()
             n_seen += labels.numel()
         loss_curve.append(loss_sum.item() / max(n_seen, 1))
 
         val_top1 = evaluate_head(head, val_f, val_y)["top1"] if has_val else float("nan")
         val_curve.append(val_top1)
-        if keep_epoch is not None:
-            take = epoch == keep_epoch
-        else:
-            take = has_val and val_top1 > best_val
+        take = epoch == keep_epoch if keep_epoch is not None else has_val and val_top1 > best_val
         if take:
             best_val = val_top1
             best_epoch = epoch
@@ -257,23 +310,22 @@ def _fit_head(
                 on_epoch_end(epoch, head)
 
     head.eval()
-    last_head = head
     if best_state is None:  # no validation data (or keep_epoch == epochs): best is last
         best_head = copy.deepcopy(head)
     else:
-        best_head = build_linear_head(in_features, num_classes, feature_norm).to(device)
+        best_head = build_linear_head(in_features, num_classes, cfg.feature_norm).to(device)
         best_head.load_state_dict(best_state)
         best_head.eval()
     return {
         "best_head": best_head,
-        "last_head": last_head,
+        "last_head": head,
         "best_epoch": best_epoch,
         "best_val_top1": best_val if has_val and keep_epoch is None else (val_curve[best_epoch - 1]),
         "val_top1": val_curve,
         "train_loss": loss_curve,
         "lr": lr,
         "weight_decay": weight_decay,
-        "epochs": epochs,
+        "epochs": cfg.epochs,
     }
 
 
@@ -292,24 +344,22 @@ def train_linear_on_features(
     val_f: Tensor,
     val_y: Tensor,
     num_classes: int,
-    epochs: int = 100,
-    lr: float = 0.1,
-    weight_decay: float = 0.0,
-    batch_size: int = 256,
-    optimizer: OptimizerName = "sgd",
-    seed: int = 0,
-    feature_norm: FeatureNorm = "bn",
-    momentum: float = 0.9,
+    cfg: ProbeConfig | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a linear head on cached features and track validation top-1 every epoch.
+    """Train one linear head on cached features and track validation top-1 every epoch.
 
-    Mini-batches are drawn from a generator seeded with ``seed + 1`` (the head init uses
-    ``seed``), so a run is reproducible. The learning rate follows a per-step cosine from ``lr``
-    to 0. ``val_f`` may be empty (``[0, F]``): the best head is then the last one.
+    Mini-batches are drawn from a generator seeded with ``cfg.seed + 1`` (the head init uses
+    ``cfg.seed``), so a run is reproducible. ``val_f`` may be empty (``[0, F]``): the best head is
+    then the last one. ``cfg.val_fraction`` is not used (the split is the caller's).
 
     Args:
+        cfg: epochs, batch, optimiser, head and schedule (default ``ProbeConfig()``).
+        lr, weight_decay: the candidate to train (default: ``cfg.lrs[0]``, ``cfg.weight_decays[0]``);
+            ``lr`` is the base value, scaled per ``cfg.scale_lr``.
         on_epoch_end: optional ``fn(epoch, head)`` called after each epoch's validation with the
             head in eval mode under ``no_grad`` (for logging; it must not modify the head).
 
@@ -318,9 +368,10 @@ def train_linear_on_features(
         (1-based: the number of epochs trained by ``best_head``), ``best_val_top1``,
         ``val_top1`` and ``train_loss`` (per-epoch curves), ``lr``, ``weight_decay``, ``epochs``.
     """
+    cfg = _resolve(cfg, {})
     device = torch.device(device)
-    train_y = _check_labels(train_y, num_classes, "train_y")
-    val_y = _check_labels(val_y, num_classes, "val_y")
+    train_y = check_labels(train_y, num_classes, "train_y")
+    val_y = check_labels(val_y, num_classes, "val_y")
     if train_f.ndim != 2 or val_f.ndim != 2 or (val_f.shape[0] and val_f.shape[1] != train_f.shape[1]):
         raise ValueError("train_f / val_f must be [N, F] with the same F")
     if train_f.shape[0] != train_y.numel() or val_f.shape[0] != val_y.numel():
@@ -328,22 +379,9 @@ def train_linear_on_features(
     train_f = train_f.to(device).float()
     train_y = train_y.to(device)
     return _fit_head(
-        _cached_source(train_f, train_y),
-        train_f.shape[0],
-        train_f.shape[1],
-        val_f.float(),
-        val_y,
-        num_classes,
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        momentum=momentum,
-        seed=seed,
-        feature_norm=feature_norm,
-        device=device,
-        on_epoch_end=on_epoch_end,
+        _cached_source(train_f, train_y), train_f.shape[0], train_f.shape[1], val_f.float(), val_y, num_classes, cfg,
+        cfg.lrs[0] if lr is None else float(lr), cfg.weight_decays[0] if weight_decay is None else float(weight_decay),
+        device, on_epoch_end=on_epoch_end,
     )
 
 
@@ -360,9 +398,11 @@ class ProbeResult:
     best (lr, wd) candidate); ``test_top1_last`` / ``test_top5_last`` from the last-epoch head of
     that same candidate. ``epoch`` is the selected epoch (1-based) out of ``epochs``.
     ``val_top1`` is the selection score on the held-out part of train (``nan`` when
-    ``val_fraction == 0``). ``grid`` lists every candidate's ``lr``, ``weight_decay``,
-    ``best_val_top1`` and ``best_epoch``; ``val_curve`` is the selected candidate's per-epoch
-    validation top-1. The heads are kept on the object but left out of :meth:`to_dict`.
+    ``val_fraction == 0``). ``lr`` / ``weight_decay`` are the selected candidate (``lr`` before
+    batch scaling). ``mode`` is ``cached`` or ``augmented``; ``config`` the :class:`ProbeConfig`
+    as a dict. ``grid`` lists every candidate's ``lr``, ``weight_decay``, ``best_val_top1`` and
+    ``best_epoch``; ``val_curve`` is the selected candidate's per-epoch validation top-1. The
+    heads are kept on the object but left out of :meth:`to_dict`.
     """
 
     val_top1: float
@@ -375,13 +415,14 @@ class ProbeResult:
     epoch: int
     epochs: int
     seconds: float
-    protocol: str
+    mode: str
     refit_on_full_train: bool = False
     n_train: int = 0
     n_val: int = 0
     n_test: int = 0
     val_curve: list[float] = field(default_factory=list)
     grid: list[dict[str, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
     head: nn.Module | None = field(default=None, repr=False, compare=False)
     head_last: nn.Module | None = field(default=None, repr=False, compare=False)
 
@@ -396,19 +437,13 @@ class ProbeResult:
         return out
 
 
-def _select(
-    fit: Callable[[float, float], dict[str, Any]],
-    lrs: Sequence[float],
-    weight_decays: Sequence[float],
-    has_val: bool,
-) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def _select(fit: Callable[[float, float], dict[str, Any]], cfg: ProbeConfig,
+            has_val: bool) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Fit every (lr, wd) candidate; return the one with the best validation top-1 and the grid.
 
     Ties keep the earlier candidate (grid order: lrs outer, weight decays inner).
     """
-    candidates = list(itertools.product(lrs, weight_decays))
-    if not candidates:
-        raise ValueError("lrs and weight_decays must be non-empty")
+    candidates = list(itertools.product(cfg.lrs, cfg.weight_decays))
     if not has_val and len(candidates) > 1:
         raise ValueError("a (lr, weight_decay) grid needs a validation split: set val_fraction > 0")
     best: dict[str, Any] | None = None
@@ -423,8 +458,8 @@ def _select(
 
 
 def _probe_result(best: dict[str, Any], grid: list[dict[str, float]], best_head: nn.Module, last_head: nn.Module,
-                  test_f: Tensor, test_y: Tensor, *, t0: float, protocol: str, refit_on_full_train: bool, n_train: int,
-                  n_val: int, epochs: int, has_val: bool) -> "ProbeResult":
+                  test_f: Tensor, test_y: Tensor, cfg: ProbeConfig, *, t0: float, mode: str, n_train: int,
+                  n_val: int, has_val: bool) -> ProbeResult:
     """Score the test split once with the selected (best-on-val) head and the last-epoch head."""
     test_best = evaluate_head(best_head, test_f, test_y)
     test_last = evaluate_head(last_head, test_f, test_y)
@@ -437,24 +472,19 @@ def _probe_result(best: dict[str, Any], grid: list[dict[str, float]], best_head:
         lr=best["lr"],
         weight_decay=best["weight_decay"],
         epoch=best["best_epoch"],
-        epochs=epochs,
+        epochs=cfg.epochs,
         seconds=time.perf_counter() - t0,
-        protocol=protocol,
-        refit_on_full_train=refit_on_full_train,
+        mode=mode,
+        refit_on_full_train=cfg.refit_on_full_train,
         n_train=int(n_train),
         n_val=int(n_val),
         n_test=test_f.shape[0],
         val_curve=best["val_top1"],
         grid=grid,
+        config=dataclasses.asdict(cfg),
         head=best_head,
         head_last=last_head,
     )
-
-
-def _check_grid_args(lrs: Sequence[float] | float, weight_decays: Sequence[float] | float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    lrs_t = (float(lrs),) if isinstance(lrs, (int, float)) else tuple(float(v) for v in lrs)
-    wds_t = (float(weight_decays),) if isinstance(weight_decays, (int, float)) else tuple(float(v) for v in weight_decays)
-    return lrs_t, wds_t
 
 
 def linear_probe_cached(
@@ -463,92 +493,58 @@ def linear_probe_cached(
     test_f: Tensor,
     test_y: Tensor,
     num_classes: int,
-    val_fraction: float = 0.1,
-    lrs: Sequence[float] | float = (0.01, 0.1, 1.0),
-    weight_decays: Sequence[float] | float = (0.0, 1e-4),
-    epochs: int = 100,
-    batch_size: int = 256,
-    optimizer: OptimizerName = "sgd",
-    momentum: float = 0.9,
-    feature_norm: FeatureNorm = "bn",
-    seed: int = 0,
+    cfg: ProbeConfig | None = None,
     device: str | torch.device = "cpu",
-    refit_on_full_train: bool = False,
+    **overrides: Any,
 ) -> ProbeResult:
     """Linear probe on pre-extracted features with validation-based selection.
 
-    1. :func:`split_train_val` holds out ``val_fraction`` of the train features (stratified,
-       seeded by ``seed``).
-    2. For every ``(lr, wd)`` in ``lrs x weight_decays`` a head is trained on the remaining part
-       for ``epochs`` epochs (:func:`train_linear_on_features`), keeping its best-validation
-       epoch. The candidate with the highest validation top-1 is selected.
+    1. :func:`split_train_val` holds out ``cfg.val_fraction`` of the train features (stratified,
+       seeded by ``cfg.seed``).
+    2. For every ``(lr, wd)`` in ``cfg.lrs x cfg.weight_decays`` a head is trained on the
+       remaining part for ``cfg.epochs`` epochs (:func:`train_linear_on_features`), keeping its
+       best-validation epoch. The candidate with the highest validation top-1 is selected.
     3. The test split is scored with the selected head (best epoch) and with the last-epoch
        head of the selected candidate. The test split is never used to choose anything.
 
-    Args:
-        refit_on_full_train: after selection, retrain a head with the selected (lr, wd) and the
-            same schedule (``epochs``, per-step cosine) on the **whole** train split (train +
-            validation) and report test numbers of that head after the selected epoch
-            (``test_top1``) and after the last epoch (``test_top1_last``). ``val_top1`` then
-            still refers to the selection run (the refit head has seen the validation images).
-            Uses 100 % of the labels at the cost of one more training run; off by default.
+    With ``cfg.refit_on_full_train`` a head with the selected (lr, wd) and the same schedule is
+    then retrained on the **whole** train split (train + validation) and the test numbers are
+    those of that head after the selected epoch (``test_top1``) and after the last epoch
+    (``test_top1_last``); ``val_top1`` still refers to the selection run. Uses 100 % of the
+    labels at the cost of one more training run.
 
-    Other arguments are as in :func:`train_linear_on_features`; ``val_fraction=0`` disables
-    selection (a single (lr, wd) is then required and the best head is the last one).
+    Args:
+        train_f, train_y, test_f, test_y: ``[N, F]`` features and ``[N]`` labels.
+        cfg: the probe (default ``ProbeConfig()``); presets in :mod:`selfsup.eval.protocols`.
+        device: where the head trains.
+        overrides: :class:`ProbeConfig` fields replacing those of ``cfg``
+            (``linear_probe_cached(..., cfg, epochs=5)``); an unknown name is a ``TypeError``.
     """
     t0 = time.perf_counter()
+    cfg = _resolve(cfg, overrides)
     device = torch.device(device)
-    lrs_t, wds_t = _check_grid_args(lrs, weight_decays)
-    train_y = _check_labels(train_y, num_classes, "train_y")
-    test_y = _check_labels(test_y, num_classes, "test_y")
+    train_y = check_labels(train_y, num_classes, "train_y")
+    test_y = check_labels(test_y, num_classes, "test_y")
     if train_f.shape[0] != train_y.numel() or test_f.shape[0] != test_y.numel():
         raise ValueError("features and labels differ in length")
-    tr_idx, va_idx = split_train_val(train_y, val_fraction, seed)
+    tr_idx, va_idx = split_train_val(train_y, cfg.val_fraction, cfg.seed)
     has_val = va_idx.numel() > 0
-    common = dict(
-        num_classes=num_classes,
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        momentum=momentum,
-        seed=seed,
-        feature_norm=feature_norm,
-        device=device,
-    )
 
     def fit(lr: float, wd: float) -> dict[str, Any]:
-        return train_linear_on_features(
-            train_f[tr_idx], train_y[tr_idx], train_f[va_idx], train_y[va_idx], lr=lr, weight_decay=wd, **common
-        )
+        return train_linear_on_features(train_f[tr_idx], train_y[tr_idx], train_f[va_idx], train_y[va_idx],
+                                        num_classes, cfg, lr=lr, weight_decay=wd, device=device)
 
-    best, grid = _select(fit, lrs_t, wds_t, has_val)
+    best, grid = _select(fit, cfg, has_val)
     best_head, last_head, n_train = best["best_head"], best["last_head"], tr_idx.numel()
-    if refit_on_full_train:
+    if cfg.refit_on_full_train:
         full_f = train_f.to(device).float()
         full_y = train_y.to(device)
-        refit = _fit_head(
-            _cached_source(full_f, full_y),
-            full_f.shape[0],
-            full_f.shape[1],
-            full_f[:0],
-            full_y[:0],
-            num_classes,
-            epochs=epochs,
-            lr=best["lr"],
-            weight_decay=best["weight_decay"],
-            batch_size=batch_size,
-            optimizer=optimizer,
-            momentum=momentum,
-            seed=seed,
-            feature_norm=feature_norm,
-            device=device,
-            keep_epoch=best["best_epoch"],
-        )
+        refit = _fit_head(_cached_source(full_f, full_y), full_f.shape[0], full_f.shape[1], full_f[:0], full_y[:0],
+                          num_classes, cfg, best["lr"], best["weight_decay"], device, keep_epoch=best["best_epoch"])
         best_head, last_head, n_train = refit["best_head"], refit["last_head"], full_f.shape[0]
 
-    return _probe_result(best, grid, best_head, last_head, test_f, test_y, t0=t0, protocol="cached",
-                         refit_on_full_train=refit_on_full_train, n_train=n_train, n_val=va_idx.numel(), epochs=epochs,
-                         has_val=has_val)
+    return _probe_result(best, grid, best_head, last_head, test_f, test_y, cfg, t0=t0, mode="cached",
+                         n_train=n_train, n_val=va_idx.numel(), has_val=has_val)
 
 
 def _dataset_labels(dataset: Dataset, labels: Sequence[int] | Tensor | None) -> Tensor:
@@ -565,54 +561,53 @@ def linear_probe_augmented(
     train_dataset: Dataset,
     test_dataset: Dataset,
     num_classes: int,
+    cfg: ProbeConfig | None = None,
     val_dataset: Dataset | None = None,
-    val_fraction: float = 0.1,
-    lrs: Sequence[float] | float = 0.1,
-    weight_decays: Sequence[float] | float = 0.0,
-    epochs: int = 100,
-    batch_size: int = 256,
-    optimizer: OptimizerName = "sgd",
-    momentum: float = 0.9,
-    feature_norm: FeatureNorm = "bn",
-    seed: int = 0,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    *,
     eval_batch_size: int = 512,
     amp_dtype: torch.dtype | None = None,
     train_labels: Sequence[int] | Tensor | None = None,
     pin_memory: bool = False,
+    **overrides: Any,
 ) -> ProbeResult:
     """Linear probe with a fresh augmented view of every training image at every epoch.
 
     The backbone (already on ``device``) is frozen: it runs in **eval mode** under
     ``torch.no_grad()`` (BatchNorm running statistics are used, never updated; no parameter gets
     a gradient) and its train/eval flags are restored on return. Only the head trains.
+    Selection, grid and reporting are those of :func:`linear_probe_cached` (one training run
+    per candidate, each with its own backbone forwards); ``cfg.refit_on_full_train`` is not
+    supported here.
 
     Args:
         train_dataset: returns ``(augmented tensor, label)``; its transform is applied by the
             dataset itself, so each epoch sees new views.
         test_dataset: the test split with the eval transform.
+        cfg: the probe (default ``ProbeConfig()``); ``overrides`` replace its fields by name.
         val_dataset: the **same images as** ``train_dataset`` **with the eval transform**; the
             held-out indices from :func:`split_train_val` are read from it. Required when
-            ``val_fraction > 0``.
-        train_labels: labels of ``train_dataset`` (default: its ``.targets``) for the split.
-        lrs, weight_decays: one value each by default; sequences make a grid selected on
-            validation, exactly as in :func:`linear_probe_cached` (one training run per
-            candidate, each with its own backbone forwards).
+            ``cfg.val_fraction > 0``.
+        device, num_workers, pin_memory: where the head trains and the backbone runs; loaders.
+        eval_batch_size: batch of the validation / test feature extraction.
         amp_dtype: autocast dtype for the backbone forward (e.g. ``torch.bfloat16`` on CUDA).
+        train_labels: labels of ``train_dataset`` (default: its ``.targets``) for the split.
 
     Validation and test features come from deterministic eval transforms and are extracted once.
     Mini-batch composition and order are drawn exactly as in the cached path, so without
-    augmentation both protocols give the same result. Returns a :class:`ProbeResult` with
-    ``protocol="augmented"``.
+    augmentation both give the same result. Returns a :class:`ProbeResult` with
+    ``mode="augmented"``.
     """
     t0 = time.perf_counter()
+    cfg = _resolve(cfg, overrides)
+    if cfg.refit_on_full_train:
+        raise ValueError("refit_on_full_train is only supported by linear_probe_cached")
     device = torch.device(device)
-    lrs_t, wds_t = _check_grid_args(lrs, weight_decays)
-    labels = _check_labels(_dataset_labels(train_dataset, train_labels), num_classes, "train labels")
+    labels = check_labels(_dataset_labels(train_dataset, train_labels), num_classes, "train labels")
     if labels.numel() != len(train_dataset):  # type: ignore[arg-type]
         raise ValueError("train labels and train_dataset differ in length")
-    tr_idx, va_idx = split_train_val(labels, val_fraction, seed)
+    tr_idx, va_idx = split_train_val(labels, cfg.val_fraction, cfg.seed)
     has_val = va_idx.numel() > 0
     if has_val and val_dataset is None:
         raise ValueError("val_fraction > 0 needs val_dataset (train images with the eval transform)")
@@ -624,7 +619,7 @@ def linear_probe_augmented(
 
     with eval_mode(backbone):
         test_f, test_y = extract_features(backbone, loader(test_dataset, batch_size=eval_batch_size), device, amp_dtype=amp_dtype)
-        test_y = _check_labels(test_y, num_classes, "test labels")
+        test_y = check_labels(test_y, num_classes, "test labels")
         in_features = test_f.shape[1]
         if has_val:
             assert val_dataset is not None
@@ -644,26 +639,9 @@ def linear_probe_augmented(
                 yield f.flatten(1).float(), y
 
         def fit(lr: float, wd: float) -> dict[str, Any]:
-            return _fit_head(
-                source,
-                tr_idx.numel(),
-                in_features,
-                val_f,
-                val_y,
-                num_classes,
-                epochs=epochs,
-                lr=lr,
-                weight_decay=wd,
-                batch_size=batch_size,
-                optimizer=optimizer,
-                momentum=momentum,
-                seed=seed,
-                feature_norm=feature_norm,
-                device=device,
-            )
+            return _fit_head(source, tr_idx.numel(), in_features, val_f, val_y, num_classes, cfg, lr, wd, device)
 
-        best, grid = _select(fit, lrs_t, wds_t, has_val)
+        best, grid = _select(fit, cfg, has_val)
 
-    return _probe_result(best, grid, best["best_head"], best["last_head"], test_f, test_y, t0=t0,
-                         protocol="augmented", refit_on_full_train=False, n_train=tr_idx.numel(), n_val=va_idx.numel(),
-                         epochs=epochs, has_val=has_val)
+    return _probe_result(best, grid, best["best_head"], best["last_head"], test_f, test_y, cfg, t0=t0,
+                         mode="augmented", n_train=tr_idx.numel(), n_val=va_idx.numel(), has_val=has_val)

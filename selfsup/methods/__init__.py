@@ -1,6 +1,6 @@
 """Methods: one short file each, composing backbone, heads, loss and the views they need."""
 
-from selfsup.methods.base import BackboneConfig, EMATeacher, Method
+from selfsup.methods.base import Batch, EMATeacher, Method
 from selfsup.methods.mmcr import MMCR
 
-__all__ = ["BackboneConfig", "EMATeacher", "MMCR", "Method"]
+__all__ = ["Batch", "EMATeacher", "MMCR", "Method"]

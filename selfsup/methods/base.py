@@ -1,11 +1,16 @@
-"""What every method shares: a backbone built from a config, the view layout, an EMA teacher.
+"""What every method shares: the ``Batch`` it receives, a backbone built from a spec, declared
+teachers, parameter groups, and access to the engine's view maker.
 
-A method is an ``nn.Module`` with three duties:
+A method is an ``nn.Module`` with these duties:
 
-* ``forward(x) -> [B, F]``: backbone features, what kNN, probes and export use;
-* ``training_loss(views) -> dict``: ``views`` is ``[B, V, C, H, W]`` (sample-major); the dict has
-  ``loss`` (a scalar to back-propagate) and any detached tensors worth logging;
-* ``on_train_step_end(step, max_steps)``: called after each optimiser step (EMA updates).
+* ``forward(x) -> [B, F]``: the online backbone's pooled features (what kNN, probes and export use);
+* ``training_loss(batch: Batch) -> dict``: the dict has ``loss`` (a scalar to back-propagate) and any
+  detached scalars worth logging. ``batch.views`` is ``[B, V, C, H, W]`` (sample-major); randomness the
+  method owns (masks, noise, latent codes) is drawn from ``batch.generator``, which the engine keys on
+  (seed, step, rank, micro-batch) so that a resumed run draws the same numbers;
+* ``on_train_step_end(step, max_steps)``: after each optimiser step; by default every declared teacher
+  takes its EMA step;
+* optionally ``param_groups()``: parameter groups with their own ``lr_mult`` / ``weight_decay``.
 
 Methods never touch optimisers, loaders or the trainer: the engine does.
 """
@@ -13,59 +18,180 @@ Methods never touch optimisers, loaders or the trainer: the engine does.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
-from typing import Iterable
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
-from selfsup.models import build_backbone
+from selfsup.models import BackboneSpec, backbone_spec, build_backbone
+
+__all__ = ["Batch", "Method", "EMATeacher", "check_views", "cosine_tau"]
 
 
 @dataclass
-class BackboneConfig:
-    """Which backbone to build (see ``selfsup.models.available_backbones()``).
+class Batch:
+    """One (micro-)batch as the engine hands it to :meth:`Method.training_loss`.
 
     Attributes:
-        name: registry name, e.g. ``resnet18`` or ``resnet50``.
-        cifar_stem: 3x3 stride-1 ``conv1`` and no max-pool (small images). Explicit, never inferred.
-        width: first-stage channels of BasicBlock ResNets (64 = torchvision).
-        zero_init_residual: zero-init the last BN of each residual branch.
+        views: ``[B, V, C, H, W]``, sample-major: ``views[b, v]`` is view ``v`` of image ``b``.
+        labels: ``[B]`` dataset labels (``-1`` where unknown); self-supervised losses never use them.
+        indices: ``[B]`` dataset indices of the images (per-sample state: IMLE codes, memory banks).
+        step: optimiser step (0-based); every micro-batch of one step sees the same value.
+        max_steps: optimiser steps of the whole run (per-step schedules).
+        epoch: training epoch (0-based).
+        generator: the method's own random stream, on the views' device, keyed on
+            (seed, step, rank, micro-batch); never the global RNG.
     """
 
-    name: str = "resnet18"
-    cifar_stem: bool = False
-    width: int = 64
-    zero_init_residual: bool = False
+    views: Tensor
+    labels: Tensor
+    indices: Tensor
+    step: int
+    max_steps: int
+    epoch: int
+    generator: torch.Generator
+
+    @property
+    def size(self) -> int:
+        return int(self.views.shape[0])
+
+
+class EMATeacher(nn.Module):
+    """Frozen copies of named modules, updated as ``θ_t ← τ θ_t + (1 − τ) θ_online``.
+
+    ``EMATeacher(tau=0.99, backbone=method.backbone, projector=method.projector)`` holds deep copies as
+    submodules of the same names (``teacher.backbone``, ``teacher.projector``), so state-dict keys read
+    ``<teacher name>.backbone.*`` and :meth:`Method.backbone_for` finds the teacher's backbone by name.
+    Parameters only, as in the seeds: the copies' BatchNorm buffers evolve from their own train-mode
+    passes. Copies never receive gradients; ``forward`` chains them in declaration order.
+
+    Args:
+        tau: EMA rate at step 0.
+        final_tau: with a value, τ follows a half-cosine from ``tau`` to ``final_tau`` over the run
+            (BYOL / MEC: 0.996 -> 1); ``None`` keeps τ constant (OFF-MMCR ImageNet: 0.99).
+        **modules: the online modules to copy, by name.
+    """
+
+    def __init__(self, tau: float, final_tau: Optional[float] = None, **modules: nn.Module):
+        super().__init__()
+        if not modules:
+            raise ValueError("EMATeacher needs at least one module to copy")
+        for name, t in (("tau", tau), ("final_tau", final_tau)):
+            if t is not None and not 0.0 <= t <= 1.0:
+                raise ValueError(f"EMATeacher {name} must be in [0, 1], got {t}")
+        self.tau, self.final_tau = float(tau), final_tau
+        self.names = list(modules)
+        for name, module in modules.items():
+            self.add_module(name, copy.deepcopy(module))
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def tau_at(self, step: int, max_steps: int) -> float:
+        if self.final_tau is None:
+            return self.tau
+        return cosine_tau(step, max_steps, self.tau, self.final_tau)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module | Mapping[str, nn.Module], tau: float) -> None:
+        """EMA step towards ``online``'s modules of the same names (a module holding them, or a mapping)."""
+        for name in self.names:
+            student = online[name] if isinstance(online, Mapping) else getattr(online, name)
+            for pt, ps in zip(getattr(self, name).parameters(), student.parameters()):
+                pt.lerp_(ps.detach(), 1.0 - tau)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for name in self.names:
+            x = getattr(self, name)(x)
+        return x
 
 
 class Method(nn.Module):
-    """Base class: owns ``self.backbone`` and ``self.backbone_config`` (a plain dict)."""
+    """Base class: owns ``self.backbone`` built from ``backbone`` (a registry spec) and the teachers it declares.
 
-    def __init__(self, backbone: BackboneConfig | dict | None = None):
+    Args:
+        backbone: ``{name, kwargs}`` (or the flat ``{name, cifar_stem: true}``; see
+            ``selfsup.models.backbone_spec``), e.g. ``{name: vit_tiny, kwargs: {img_size: 32, patch_size: 4}}``.
+    """
+
+    def __init__(self, backbone: Optional[BackboneSpec] = None):
         super().__init__()
-        if backbone is None:
-            backbone = BackboneConfig()
-        if isinstance(backbone, dict):
-            backbone = BackboneConfig(**backbone)
-        self.backbone_config: dict = asdict(backbone)
-        self.backbone = build_backbone(**self.backbone_config)
-        self.feature_dim: int = self.backbone.feature_dim
-        # Set by the engine before every training_loss call, for per-step schedules (MEC's lambda warm-up).
-        self.step: int = 0
-        self.max_steps: int = 1
+        self.backbone_spec: dict[str, Any] = backbone_spec(backbone)
+        self.backbone = build_backbone(self.backbone_spec)
+        self.num_features: int = int(self.backbone.num_features)
+        self._teacher_names: list[str] = []
+        self._view_maker: Optional[Callable[..., Tensor]] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # ----------------------------------------------------------------------------------- duties
+    def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def training_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(self, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def on_train_step_end(self, step: int, max_steps: int) -> None:
-        """Hook run after every optimiser step; default: nothing."""
+        """After every optimiser step: each declared teacher takes its EMA step."""
+        for name in self._teacher_names:
+            teacher = getattr(self, name)
+            teacher.update(self, teacher.tau_at(step, max_steps))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups: ``{"name", "params", optional "lr_mult", optional "weight_decay"}``.
+
+        Default: one group of every trainable parameter. The engine splits each group further so that
+        1-D parameters and whatever a module's ``no_weight_decay()`` names get no weight decay.
+        """
+        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad]}]
+
+    # --------------------------------------------------------------------------------- teachers
+    def add_teacher(self, name: str, teacher: EMATeacher) -> EMATeacher:
+        """Declare ``teacher`` under ``name`` (``export --which NAME`` and the kNN monitor find it)."""
+        if name == "online" or hasattr(self, name):
+            raise ValueError(f"cannot declare a teacher named '{name}': the name is taken")
+        setattr(self, name, teacher)
+        self._teacher_names.append(name)
+        return teacher
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return list(self._teacher_names)
+
+    def backbone_for(self, which: str = "online") -> nn.Module:
+        """The backbone that maps images to pooled features: ``online`` or a declared teacher's copy."""
+        if which == "online":
+            return self.backbone
+        if which in self._teacher_names:
+            teacher = getattr(self, which)
+            if "backbone" not in teacher.names:
+                raise ValueError(f"teacher '{which}' holds no backbone copy ({teacher.names})")
+            return teacher.backbone
+        raise ValueError(f"unknown backbone '{which}'; this {type(self).__name__} has: online"
+                         + "".join(f", {n}" for n in self._teacher_names))
+
+    # ------------------------------------------------------------------------------------ views
+    def bind_view_maker(self, fn: Optional[Callable[..., Tensor]]) -> None:
+        """Called by the engine: ``fn(images, step)`` is what :meth:`make_views` runs."""
+        self._view_maker = fn
+
+    def make_views(self, images: Tensor, step: int) -> Tensor:
+        """The engine's views of ``images`` (uint8 ``[B, 3, H, W]``) for ``step``, ``[B, V, C, h, w]``.
+
+        The same call the engine makes for every training batch, keyed the same way (seed, step, rank),
+        so a method can fix views ahead of time (IMLE-SSL fixes one view per example for an epoch).
+        """
+        if self._view_maker is None:
+            raise RuntimeError("make_views is available once the engine has bound its view maker (during fit)")
+        return self._view_maker(images, step)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_view_maker"] = None  # a bound engine method: not part of the model
+        return state
 
 
-def check_views(views: torch.Tensor, min_views: int = 1) -> tuple[int, int]:
+def check_views(views: Tensor, min_views: int = 1) -> tuple[int, int]:
     """Validate a ``[B, V, C, H, W]`` view batch and return ``(B, V)``."""
     if views.dim() != 5:
         raise ValueError(f"expected views of shape [B, V, C, H, W], got {tuple(views.shape)}")
@@ -75,39 +201,8 @@ def check_views(views: torch.Tensor, min_views: int = 1) -> tuple[int, int]:
     return b, v
 
 
-class EMATeacher(nn.Module):
-    """Frozen copies of some modules, updated as ``θ_t ← τ θ_t + (1 − τ) θ_online``.
-
-    Parameters only, as in the seeds: the teacher's BatchNorm buffers evolve from its own
-    train-mode forward passes. The copies are registered submodules, so they are saved in
-    checkpoints and restored on resume, but they never receive gradients.
-    """
-
-    def __init__(self, *modules: nn.Module):
-        super().__init__()
-        self.copies = nn.ModuleList(copy.deepcopy(m) for m in modules)
-        for p in self.copies.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, online: Iterable[nn.Module], tau: float) -> None:
-        online = list(online)
-        if len(online) != len(self.copies):
-            raise ValueError(f"EMATeacher holds {len(self.copies)} modules, got {len(online)}")
-        for teacher, student in zip(self.copies, online):
-            for pt, ps in zip(teacher.parameters(), student.parameters()):
-                pt.lerp_(ps.detach(), 1.0 - tau)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.copies:
-            x = m(x)
-        return x
-
-
 def cosine_tau(step: int, max_steps: int, base: float, final: float = 1.0) -> float:
     """Half-cosine momentum schedule from ``base`` (step 0) to ``final`` (last step) (BYOL / MEC)."""
     if max_steps <= 1:
         return base
-    import math
-
-    return final - (final - base) * (1 + math.cos(math.pi * step / max_steps)) / 2
+    return final - (final - base) * (1 + math.cos(math.pi * min(step, max_steps) / max_steps)) / 2

@@ -4,64 +4,63 @@ All ``B x V`` views go through one forward pass (sample-major), the projector ou
 to ``[B, V, D]``, gathered over ranks with the autograd-aware ``selfsup.distributed.gather`` (so the
 nuclear norm is taken over the global batch and the DDP gradient equals the single-process one),
 and scored by ``mmcr_loss``. With ``momentum_tau`` set, the official ImageNet variant: a frozen EMA
-copy of backbone + projector sees the same views and the centroid averages both branches.
+teacher (backbone + projector, declared as ``teacher``) sees the same views and the centroid averages
+both branches.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from selfsup import distributed
 from selfsup.losses import mmcr_loss, mmcr_momentum_loss
-from selfsup.methods.base import BackboneConfig, EMATeacher, Method, check_views
-from selfsup.models import MLP
+from selfsup.methods.base import Batch, EMATeacher, Method, check_views
+from selfsup.models import MLP, BackboneSpec
 
 
 class MMCR(Method):
-    """MMCR with optional local term (``lmbda``) and optional momentum branch (``momentum_tau``).
+    """MMCR with optional local term (``lmbda``) and optional momentum teacher (``momentum_tau``).
 
     Args:
-        backbone: backbone config.
+        backbone: backbone spec ``{name, kwargs}``.
         projector: widths after the backbone feature, e.g. ``[512, 128]`` gives
             ``F -> 512 (BN, ReLU) -> 128`` (OFF-MMCR CIFAR); ``[8192, 8192, 512]`` the ImageNet one.
         projector_last_bias: bias on the projector's last layer (MIN-MMCR has one).
         lmbda: weight of the local nuclear-norm term (0 in every seed recipe).
-        momentum_tau: EMA rate of the momentum branch (0.99 in the ImageNet recipe); ``None`` = plain MMCR.
+        momentum_tau: EMA rate of the teacher (0.99 in the ImageNet recipe); ``None`` = plain MMCR.
         gather_distributed: take the nuclear norm over the global batch under DDP (recommended).
     """
 
     def __init__(
         self,
-        backbone: BackboneConfig | None = None,
-        projector: list[int] | None = None,
+        backbone: Optional[BackboneSpec] = None,
+        projector: Optional[list[int]] = None,
         projector_last_bias: bool = False,
         lmbda: float = 0.0,
-        momentum_tau: float | None = None,
+        momentum_tau: Optional[float] = None,
         gather_distributed: bool = True,
     ):
         super().__init__(backbone)
         projector = [512, 128] if projector is None else list(projector)
-        self.projector = MLP([self.feature_dim, *projector], last_bias=projector_last_bias)
+        self.projector = MLP([self.num_features, *projector], last_bias=projector_last_bias)
         self.lmbda = float(lmbda)
         if momentum_tau is not None and not 0.0 <= momentum_tau < 1.0:
             raise ValueError(f"momentum_tau must be in [0, 1), got {momentum_tau}")
-        self.momentum_tau = momentum_tau
         self.gather_distributed = gather_distributed
-        self.momentum = EMATeacher(self.backbone, self.projector) if momentum_tau is not None else None
+        if momentum_tau is not None:
+            self.add_teacher("teacher", EMATeacher(momentum_tau, backbone=self.backbone, projector=self.projector))
 
-    def training_loss(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        b, v = check_views(views, min_views=2)  # one view per image has no manifold to compress
-        x = views.flatten(0, 1)  # sample-major: row b*V + v is view v of image b
+    def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        b, v = check_views(batch.views, min_views=2)  # one view per image has no manifold to compress
+        x = batch.views.flatten(0, 1)  # sample-major: row b*V + v is view v of image b
         z = self.projector(self.backbone(x)).view(b, v, -1)
         gather = distributed.gather if self.gather_distributed else (lambda t: t)
-        if self.momentum is None:
+        if not self.teacher_names:
             loss, parts = mmcr_loss(gather(z), self.lmbda, return_parts=True)
         else:
             with torch.no_grad():
-                z_ema = self.momentum(x).view(b, v, -1)
+                z_ema = self.teacher(x).view(b, v, -1)
             loss, parts = mmcr_momentum_loss(gather(z), gather(z_ema), self.lmbda, return_parts=True)
         return {"loss": loss, **parts}
-
-    def on_train_step_end(self, step: int, max_steps: int) -> None:
-        if self.momentum is not None:
-            self.momentum.update([self.backbone, self.projector], self.momentum_tau)

@@ -1,6 +1,7 @@
-"""Backbones (by name) and heads."""
+"""Backbones built by name from a registry (torchvision ResNets, timm ViTs) and MLP heads."""
 
-from selfsup.models.backbones import available_backbones, build_backbone, register_backbone
+from selfsup.models import resnet, vit  # noqa: F401  (registers the builders)
 from selfsup.models.heads import MLP
+from selfsup.models.registry import BackboneSpec, available_backbones, backbone_spec, build_backbone, register_backbone
 
-__all__ = ["MLP", "available_backbones", "build_backbone", "register_backbone"]
+__all__ = ["BackboneSpec", "MLP", "available_backbones", "backbone_spec", "build_backbone", "register_backbone"]

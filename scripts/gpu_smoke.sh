@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU smoke test: pretrain a few steps with batched views and bf16, then knn, linear and export, all on the
+# device, then the views/s of the MIN-MMCR step (ResNet-18, 16 views x 64 images). Uses the CIFAR-10 sample
+# shipped in the package, so it needs no download.
+#   bash scripts/gpu_smoke.sh                 # on a CUDA machine
+#   DEVICE=cpu STEPS=3 bash scripts/gpu_smoke.sh   # the same path on a CPU (what CI can run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-30}
+OUT=${SMOKE_DIR:-$(mktemp -d)}
+ACCEL=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
+PREC=$([ "$DEVICE" = cuda ] && echo bf16-mixed || echo 32-true)
+python - <<PY
+import torch
+print("torch", torch.__version__, "cuda available:", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+assert "$DEVICE" != "cuda" or torch.cuda.is_available(), "DEVICE=cuda but no CUDA device"
+PY
+set -x
+selfsup pretrain --method MMCR --method.init_args.backbone '{name: resnet18, kwargs: {cifar_stem: true}}' \
+  --method.init_args.projector '[512, 128]' --data.dataset demo --data.view_mode batched --data.in_memory true \
+  --data.num_workers 0 --data.batch_size 64 --data.views 4 --trainer.accelerator "$ACCEL" --trainer.devices 1 \
+  --trainer.precision "$PREC" --trainer.max_steps "$STEPS" --trainer.max_epochs 1 --trainer.progress_bar false \
+  --monitor.every_n_epochs 1 --monitor.bank_size 1000 --monitor.test_size 500 --trainer.out_dir "$OUT/run"
+selfsup knn --checkpoint "$OUT/run/checkpoints/last.ckpt" --device "$DEVICE" --data.num_workers 0 --output "$OUT/knn.json"
+selfsup linear --checkpoint "$OUT/run/checkpoints/last.ckpt" --device "$DEVICE" --data.num_workers 0 --epochs 3 \
+  --output "$OUT/linear.json"
+selfsup export --checkpoint "$OUT/run/checkpoints/last.ckpt" --out "$OUT/export"
+python scripts/step_throughput.py --device "$DEVICE" --steps "$STEPS" $([ "$DEVICE" = cuda ] || echo "--batch 16 --views 4")
+set +x
+echo "gpu_smoke: OK ($OUT)"

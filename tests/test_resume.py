@@ -1,0 +1,99 @@
+"""Resume is exact wherever a run stops: mid-epoch step checkpoints (both view modes, loader workers),
+``last.ckpt`` always holding the final step, keyed randomness for views and the method."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfsup.cli import main
+
+BASE = [
+    "--method", "MMCR", "--method.init_args.backbone", "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
+    "--method.init_args.projector", "[16, 8]", "--data.dataset", "cifar10", "--data.batch_size", "25",
+    "--data.views", "2", "--data.augment", "cifar10", "--optim.name", "adam", "--optim.lr", "3e-3",
+    "--optim.schedule", "cosine", "--trainer.logger", "none", "--trainer.progress_bar", "false",
+    "--trainer.seed", "3", "--monitor.every_n_epochs", "0",
+]
+MODES = {
+    "batched": ["--data.view_mode", "batched", "--data.in_memory", "true", "--data.num_workers", "0"],
+    "per_image_workers": ["--data.view_mode", "per_image", "--data.num_workers", "2"],
+}
+
+KILLER = """
+import os, signal, sys
+import lightning as L
+from selfsup.cli import run_pretrain
+
+STEP = int(sys.argv[1])
+
+class KillAtStep(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run_pretrain(sys.argv[2:], extra_callbacks=[KillAtStep()])
+"""
+
+
+def _state(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_kill_after_a_mid_epoch_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path, cifar_slice, mode):
+    """200 images / 25 = 8 steps per epoch, 2 epochs; step checkpoints every 3 steps; SIGKILL at step 11, so the
+    newest checkpoint (step 9) is in the middle of epoch 1. Before the fix the resumed epoch restarted from its
+    first batch (and per-image views from fresh worker RNG), so the weights differed."""
+    args = [*BASE, *MODES[mode], "--data.root", str(cifar_slice), "--trainer.max_epochs", "2",
+            "--trainer.save_every_n_steps", "3"]
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0
+
+    script = tmp_path / "killer.py"
+    script.write_text(textwrap.dedent(KILLER))
+    proc = subprocess.run([sys.executable, str(script), "11", *args, "--trainer.out_dir", str(run_b)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert _state(run_b / "checkpoints" / "last.ckpt")["global_step"] == 9  # the newest checkpoint, mid-epoch
+    assert main(["pretrain", *args, "--trainer.out_dir", str(run_b), "--trainer.resume", "true"]) == 0
+
+    a, b = _state(run_a / "checkpoints" / "last.ckpt"), _state(run_b / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 16
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6,
+                                   msg=f"resumed run differs at {k}")
+
+
+def test_last_checkpoint_always_holds_the_final_step(tmp_path, cifar_slice):
+    """Stops between periodic saves: max_steps mid-epoch, and max_epochs not a multiple of the save period."""
+    common = [*BASE, *MODES["batched"], "--data.root", str(cifar_slice), "--data.subset", "100"]  # 4 steps / epoch
+    run = tmp_path / "steps"
+    assert main(["pretrain", *common, "--trainer.max_epochs", "5", "--trainer.max_steps", "6",
+                 "--trainer.out_dir", str(run)]) == 0
+    assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    run = tmp_path / "epochs"
+    assert main(["pretrain", *common, "--trainer.max_epochs", "3", "--trainer.save_every_n_epochs", "2",
+                 "--trainer.out_dir", str(run)]) == 0
+    assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["epoch0001.ckpt", "last.ckpt"]
+
+
+def test_random_streams_are_keyed_on_step_rank_micro_batch_and_purpose():
+    from selfsup.engine.config import OptimConfig
+    from selfsup.engine.module import STREAM_METHOD, STREAM_VIEWS, SelfSupModule
+    from selfsup.methods import MMCR
+
+    module = SelfSupModule(MMCR(backbone={"name": "resnet10", "kwargs": {"width": 4}}, projector=[8, 4]),
+                           OptimConfig(), seed=5)
+    draw = lambda *a: torch.rand(4, generator=module.generator(*a, device=torch.device("cpu")))  # noqa: E731
+    torch.testing.assert_close(draw(STREAM_METHOD, 7, 0), draw(STREAM_METHOD, 7, 0))  # same key, same numbers
+    seen = [draw(STREAM_METHOD, 7, 0), draw(STREAM_METHOD, 7, 1), draw(STREAM_METHOD, 8, 0), draw(STREAM_VIEWS, 7, 0)]
+    for i in range(len(seen)):
+        for j in range(i):
+            assert not torch.equal(seen[i], seen[j])  # micro-batches, steps and purposes all differ
