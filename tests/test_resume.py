@@ -97,3 +97,25 @@ def test_random_streams_are_keyed_on_step_rank_micro_batch_and_purpose():
     for i in range(len(seen)):
         for j in range(i):
             assert not torch.equal(seen[i], seen[j])  # micro-batches, steps and purposes all differ
+
+
+@pytest.mark.parametrize("mode", ["batched", "per_image"])
+def test_make_views_is_one_keyed_call_the_method_can_make(mode):
+    from selfsup.data.batched import BatchedViews
+    from selfsup.data.keyed import PerImageViews
+    from selfsup.data.transforms import MultiViewTransform, get_preset
+    from selfsup.engine.config import OptimConfig
+    from selfsup.engine.module import SelfSupModule
+    from selfsup.methods import MMCR
+
+    maker = BatchedViews("cifar10", 4) if mode == "batched" else PerImageViews(MultiViewTransform([get_preset("cifar10")], 4))
+    method = MMCR(backbone={"name": "resnet10", "kwargs": {"width": 4}}, projector=[8, 4])
+    module = SelfSupModule(method, OptimConfig(), view_maker=maker, views_on_device=mode == "batched", seed=1)
+    module.on_fit_start()  # binds the engine's make_views into the method
+    images = torch.randint(0, 256, (3, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = method.make_views(images, 5)
+    assert a.shape == (3, 4, 3, 32, 32) and a.dtype == torch.float32
+    torch.testing.assert_close(method.make_views(images, 5), a, rtol=0, atol=0)  # same step: the same views
+    torch.testing.assert_close(module.make_views(images, 5), a, rtol=0, atol=0)  # the engine's own call
+    assert not torch.equal(method.make_views(images, 6), a)  # another step: other views
+    assert not torch.equal(module.make_views(images, 5, micro=1), a)  # another micro-batch: other views
