@@ -95,7 +95,8 @@ class SelfSupModule(L.LightningModule):
         max_steps = int(self.trainer.estimated_stepping_batches)
         inp = Batch(views=views, labels=torch.as_tensor(labels), indices=torch.as_tensor(indices), step=step,
                     max_steps=max_steps, epoch=self.current_epoch,
-                    generator=self.generator(STREAM_METHOD, step, micro, views.device))
+                    generator=self.generator(STREAM_METHOD, step, micro, views.device),
+                    steps_per_epoch=self._steps_per_epoch())
         hint = ("lower the learning rate, use fp32 (--trainer.precision 32-true) or check the data; "
                 "checkpoints already written are left untouched")
         try:
@@ -118,6 +119,14 @@ class SelfSupModule(L.LightningModule):
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.method.on_train_step_end(self.global_step, int(self.trainer.estimated_stepping_batches))
 
+    def _steps_per_epoch(self) -> int:
+        t = self.trainer
+        n = t.num_training_batches
+        if not isinstance(n, int) or n <= 0:
+            n = max(1, int(t.estimated_stepping_batches) // max(1, t.max_epochs or 1))
+            return max(1, n)
+        return max(1, n // t.accumulate_grad_batches)
+
     def global_batch_size(self, images_per_device: int) -> int:
         t = self.trainer
         return images_per_device * t.world_size * t.accumulate_grad_batches
@@ -129,11 +138,7 @@ class SelfSupModule(L.LightningModule):
         optimizer = build_optimizer(groups, cfg.name, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                     betas=tuple(cfg.betas), eta=cfg.eta)
         total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = self.trainer.num_training_batches
-        if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
-            steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        steps_per_epoch = max(1, steps_per_epoch // self.trainer.accumulate_grad_batches)
-        warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+        warmup = min(total, int(round(cfg.warmup_epochs * self._steps_per_epoch())))
         scheduler = build_scheduler(optimizer, total, warmup, cfg.final_lr_ratio, cfg.schedule)
         self.meta["peak_lr"] = lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -42,6 +42,7 @@ class Batch:
         step: optimiser step (0-based); every micro-batch of one step sees the same value.
         max_steps: optimiser steps of the whole run (per-step schedules).
         epoch: training epoch (0-based).
+        steps_per_epoch: optimiser steps per epoch (schedules given in epochs, e.g. MEC's 10-epoch warm-up).
         generator: the method's own random stream, on the views' device, keyed on
             (seed, step, rank, micro-batch); never the global RNG.
     """
@@ -53,6 +54,7 @@ class Batch:
     max_steps: int
     epoch: int
     generator: torch.Generator
+    steps_per_epoch: int = 1
 
     @property
     def size(self) -> int:
