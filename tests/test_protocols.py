@@ -22,6 +22,17 @@ RECIPE_PROTOCOL = {
     "off-mmcr-stl10": "off-mmcr-cifar",
     "off-mmcr-imagenet": "off-mmcr-imagenet",
     "off-mmcr-imagenet100": "off-mmcr-imagenet",
+    "mec-imagenet": "mec-imagenet",
+    "mec-imagenet100": "mec-imagenet",
+    "mec-cifar10": "off-mmcr-cifar",
+    "mec-cifar100": "off-mmcr-cifar",
+    "simclr-cifar10": "off-mmcr-cifar",
+    "simclr-cifar100": "off-mmcr-cifar",
+    "byol-cifar10": "off-mmcr-cifar",
+    "byol-cifar100": "off-mmcr-cifar",
+    "mec-cpu-small": "fast",
+    "simclr-cpu-small": "fast",
+    "byol-cpu-small": "fast",
 }
 
 
@@ -39,7 +50,12 @@ def _fields(p):
 
 def test_presets_hold_the_seed_values():
     """Spec §5.2 / §7: (augmented, train augmentation, optimiser, lr, wd, batch, epochs, warm-up, lr scaling, head)."""
-    assert list(PROTOCOLS) == ["fast", "off-mmcr-cifar", "off-mmcr-imagenet", "min-mmcr"]
+    assert list(PROTOCOLS) == ["fast", "off-mmcr-cifar", "off-mmcr-imagenet", "min-mmcr", "mec-imagenet"]
+    # OFF-MEC main_lincls.py + linear.sh: LARC-wrapped SGD 0.03 x B/256, wd 0, batch 4096, BN(affine=False) head
+    assert _fields(PROTOCOLS["mec-imagenet"]) == (True, "crop_flip", "lars", (0.03,), (0.0,), 4096, 100, 0.0, "linear",
+                                                   "bn")
+    assert PROTOCOLS["mec-imagenet"].probe.peak_lr(0.03) == pytest.approx(0.48)
+    assert PROTOCOLS["mec-imagenet"].crop_interpolation == "bilinear"
     assert _fields(PROTOCOLS["off-mmcr-cifar"]) == (True, "ssl", "adam", (0.1,), (1e-6,), 1024, 50, 0.0, "none", "none")
     assert _fields(PROTOCOLS["off-mmcr-imagenet"]) == (True, "crop_flip", "sgd", (0.3,), (1e-6,), 2048, 100, 0.0, "none",
                                                         "none")

@@ -23,6 +23,9 @@ The presets in :data:`PRESETS` reproduce the reference repositories (spec §3.2)
 * ``imagenet``: the OFF-MMCR asymmetric pair (A: blur 1.0; B: blur 0.1, solarize 0.2; RRC 224 bicubic;
   eval Resize 256 + CenterCrop 224).
 * ``mec``: the OFF-MEC / MoCo-v3 asymmetric pair (RRC 224 bilinear, scale (0.2, 1)).
+* ``simclr`` / ``simclr_cifar``: symmetric SimCLR set (ImageNet: blur p 0.5; CIFAR: no blur, as the paper).
+* ``byol`` / ``byol_cifar``: the asymmetric BYOL pair (ImageNet: blur 1.0 / 0.1, solarize 0 / 0.2;
+  CIFAR: 32 px, CIFAR mean/std, no blur, solarize 0 / 0.2, as solo-learn).
 
 One deliberate fix: solarisation thresholds are expressed on ``[0, 1]`` floats (0.5, i.e. 128 on uint8),
 never on raw uint8 values (MIN-MMCR's ``RandomSolarize(0.5)`` on PIL images inverts almost every pixel).
@@ -235,6 +238,14 @@ _MEC_1 = Augment(
     eval_interpolation="bilinear",
 )
 
+# SimCLR (Chen et al. 2020, appendix A): RRC (0.08, 1) bicubic, flip, jitter p .8, gray .2, blur 10% kernel
+# sigma (0.1, 2) p .5; jitter at strength 0.5, i.e. (0.4, 0.4, 0.4, 0.1) (the CIFAR / MoCo-v2 strength).
+_SIMCLR = dataclasses.replace(_IMAGENET_A, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+
+# BYOL at 32 px (solo-learn scripts/pretrain/cifar/augmentations/asymmetric.yaml): jitter (.4, .4, .2, .1) p .8,
+# gray .2, no blur at this size, solarize 0 / 0.2; CIFAR-10 mean/std.
+_BYOL_CIFAR = dataclasses.replace(_CIFAR10, jitter=(0.4, 0.4, 0.2, 0.1))
+
 PRESETS: dict[str, AugmentSpec] = {
     # OFF-MMCR CIFAR-10: RRC(32, (0.08, 1), bilinear), flip .5, jitter(.4,.4,.4,.1) p=.8, gray .2.
     "cifar10": _CIFAR10,
@@ -265,6 +276,14 @@ PRESETS: dict[str, AugmentSpec] = {
     "imagenet": (_IMAGENET_A, dataclasses.replace(_IMAGENET_A, blur_p=0.1, solarize_p=0.2)),
     # OFF-MEC (MoCo-v3): RRC(224, (0.2, 1), bilinear); view 1 blur 1.0, view 2 blur 0.1 + solarize 0.2.
     "mec": (_MEC_1, dataclasses.replace(_MEC_1, blur_p=0.1, solarize_p=0.2)),
+    # SimCLR ImageNet, symmetric: RRC(224, (0.08, 1), bicubic), flip, jitter (.4,.4,.4,.1) p .8, gray .2, blur p .5.
+    "simclr": _SIMCLR,
+    # SimCLR CIFAR (paper B.9: no blur at 32 px, jitter strength 0.5): the same as ``cifar10``.
+    "simclr_cifar": dataclasses.replace(_CIFAR10),
+    # BYOL ImageNet (Grill et al. table 6): A = blur 1.0 / solarize 0, B = blur 0.1 / solarize 0.2 (as ``imagenet``).
+    "byol": (_IMAGENET_A, dataclasses.replace(_IMAGENET_A, blur_p=0.1, solarize_p=0.2)),
+    # BYOL CIFAR (solo-learn): crop 32, CIFAR mean/std, no blur; A solarize 0, B solarize 0.2.
+    "byol_cifar": (_BYOL_CIFAR, dataclasses.replace(_BYOL_CIFAR, solarize_p=0.2)),
 }
 
 

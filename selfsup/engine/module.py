@@ -115,9 +115,10 @@ class SelfSupModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Only after a real optimiser step (gradient accumulation); global_step already counts it.
+        # Only after a real optimiser step (gradient accumulation). global_step already counts it, so the step just
+        # taken is global_step - 1: the first EMA update uses tau(0), as the seeds do.
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.method.on_train_step_end(self.global_step, int(self.trainer.estimated_stepping_batches))
+            self.method.on_train_step_end(self.global_step - 1, int(self.trainer.estimated_stepping_batches))
 
     def _steps_per_epoch(self) -> int:
         t = self.trainer

@@ -168,6 +168,24 @@ PROTOCOLS: dict[str, Protocol] = {
             reproduces="MIN-MMCR README: ResNet-18, CIFAR-10, 500 epochs, linear 89.19 top-1 / 99.61 top-5 "
                        "(pretrain with recipes/min-mmcr-cifar10.yaml)",
         ),
+        Protocol(
+            name="mec-imagenet",
+            probe=ProbeConfig(epochs=100, lrs=(0.03,), weight_decays=(0.0,), batch_size=4096, optimizer="lars",
+                              momentum=0.9, feature_norm="bn", scale_lr="linear", val_fraction=0.01),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            eval_transform="Resize 256 + CenterCrop 224 (the mec / imagenet presets' eval transform)",
+            source="OFF-MEC main_lincls.py + linear.sh: ResNet-50 frozen in eval mode, head BatchNorm1d(2048, "
+                   "affine=False, eps 1e-6) + Linear(2048, C) (fc N(0, 0.01), zero bias); train RandomResizedCrop(224, "
+                   "bilinear, scale (0.08, 1)) + flip; SGD lr 0.03 x B/256 = 0.48, momentum 0.9, wd 0, wrapped in "
+                   "LARC (trust 0.001, no clipping: --lars); cosine, no warm-up, 100 epochs, batch 4096",
+            differs="LARS (trust ratio on the weight, bias excluded) instead of apex LARC; cosine per step, not per "
+                    "epoch; 1% of train held out for selection (the seed took the max top-1 over epochs on ImageNet "
+                    "val, i.e. selected on the reported split); no apex, no DDP requirement",
+            reproduces="OFF-MEC README: ResNet-50, 100 epochs of MEC on ImageNet-1k, linear 70.8 top-1 "
+                       "(pretrain with recipes/mec-imagenet.yaml)",
+        ),
     )
 }
 

@@ -1,6 +1,9 @@
 """Methods: one short file each, composing backbone, heads, loss and the views they need."""
 
 from selfsup.methods.base import Batch, EMATeacher, Method
+from selfsup.methods.byol import BYOL
+from selfsup.methods.mec import MEC
 from selfsup.methods.mmcr import MMCR
+from selfsup.methods.simclr import SimCLR
 
-__all__ = ["Batch", "EMATeacher", "MMCR", "Method"]
+__all__ = ["BYOL", "Batch", "EMATeacher", "MEC", "MMCR", "Method", "SimCLR"]
