@@ -18,7 +18,6 @@ backward) and splits the output.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -27,10 +26,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_harness import run_spawned
 from selfsup.distributed import gather
 from selfsup.losses import byol_loss, info_nce_loss, mec_loss
 
@@ -102,35 +101,9 @@ def _worker(r: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out_dir = tmp_path_factory.mktemp("ddp_losses")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join()
-            pytest.fail("DDP worker timed out")
-    results = []
-    for r in range(WORLD):
-        f = out_dir / f"rank{r}.pt"
-        assert f.exists(), f"rank {r} wrote no result (exit code {procs[r].exitcode})"
-        res = torch.load(f, weights_only=False)
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-        results.append(res)
-    return results
+    return run_spawned(_worker, WORLD, tmp_path_factory.mktemp("ddp_losses"))
 
 
 def _reference(case: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,43 @@
+"""Spawn real CPU (gloo) process groups for tests: each rank runs ``worker(rank, port, out_dir)``, which saves
+``rank{r}.pt`` (a dict; key ``error`` holds a traceback if the rank failed); the parent collects them."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_spawned(worker: Callable[[int, int, str], None], world: int, out_dir: Path,
+                timeout: float = 120) -> list[dict[str, Any]]:
+    """Run ``worker`` on ``world`` spawned ranks and return each rank's saved result, in rank order."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, str(out_dir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join()
+            pytest.fail("DDP worker timed out")
+    results = []
+    for r in range(world):
+        f = Path(out_dir) / f"rank{r}.pt"
+        assert f.exists(), f"rank {r} wrote no result (exit code {procs[r].exitcode})"
+        res = torch.load(f, weights_only=False)
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+        results.append(res)
+    return results
