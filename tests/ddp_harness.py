@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import traceback
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -41,3 +46,23 @@ def run_spawned(worker: Callable[[int, int, str], None], world: int, out_dir: Pa
         assert "error" not in res, f"rank {r} failed:\n{res['error']}"
         results.append(res)
     return results
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, port: int, world: int, out_dir: str) -> Iterator[dict[str, Any]]:
+    """Inside a spawned worker: join a gloo group of ``world`` ranks and yield the result dict that is saved as
+    ``rank{rank}.pt`` on exit; an exception in the block is recorded as ``error`` (the parent reports it)."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {}
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        yield result
+        dist.barrier()
+    except Exception:  # report to the parent instead of dying silently
+        result["error"] = traceback.format_exc()
+    finally:
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        if dist.is_initialized():
+            dist.destroy_process_group()

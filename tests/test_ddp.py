@@ -8,10 +8,6 @@ Setup: ``nn.Linear(12, 8)`` projector (no BatchNorm), global batch of B = 8 imag
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_harness import run_spawned
+from ddp_harness import gloo_rank, run_spawned
 from selfsup.distributed import all_gather_variable, gather, is_dist, rank, world_size
 from selfsup.losses import mmcr_loss, mmcr_momentum_loss
 
@@ -59,12 +55,7 @@ def _naive_gather(z: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(r: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    result: dict[str, Any] = {}
-    try:
-        dist.init_process_group("gloo", rank=r, world_size=WORLD, timeout=timedelta(seconds=60))
+    with gloo_rank(r, port, WORLD, out_dir) as result:
         result["env"] = (is_dist(), world_size(), rank())
         online, ema, x = _data()
         per = B // WORLD
@@ -96,13 +87,6 @@ def _worker(r: int, port: int, out_dir: str) -> None:
             result["mismatch"] = None
         except ValueError as e:
             result["mismatch"] = str(e)
-        dist.barrier()
-    except Exception:  # report to the parent instead of dying silently
-        result["error"] = traceback.format_exc()
-    finally:
-        torch.save(result, Path(out_dir) / f"rank{r}.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

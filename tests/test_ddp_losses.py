@@ -17,10 +17,6 @@ backward) and splits the output.
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_harness import run_spawned
+from ddp_harness import gloo_rank, run_spawned
 from selfsup.distributed import gather
 from selfsup.losses import byol_loss, info_nce_loss, mec_loss
 
@@ -72,12 +68,7 @@ def _run(case: str, model: nn.Module, teacher: nn.Module, x1, x2, gather_fn) -> 
 
 
 def _worker(r: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    result: dict[str, Any] = {}
-    try:
-        dist.init_process_group("gloo", rank=r, world_size=WORLD, timeout=timedelta(seconds=60))
+    with gloo_rank(r, port, WORLD, out_dir) as result:
         student, teacher, x1, x2 = _data()
         per = B // WORLD
         sl = slice(r * per, (r + 1) * per)
@@ -92,13 +83,6 @@ def _worker(r: int, port: int, out_dir: str) -> None:
                 "weight": model.weight.grad.clone(),
                 "bias": model.bias.grad.clone(),
             }
-        dist.barrier()
-    except Exception:  # report to the parent instead of dying silently
-        result["error"] = traceback.format_exc()
-    finally:
-        torch.save(result, Path(out_dir) / f"rank{r}.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
