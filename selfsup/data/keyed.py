@@ -14,7 +14,7 @@ Every random draw of a training run is a pure function of a key, never of a gene
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import Tensor

@@ -81,13 +81,11 @@ class SelfSupModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.method.bind_view_maker(self.make_views if self.view_maker is not None else None)
 
-    def _micro(self, batch_idx: int) -> int:
-        return batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
 
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, indices = batch
-        step, micro = self.global_step, self._micro(batch_idx)
+        step, micro = self.global_step, batch_idx % self.trainer.accumulate_grad_batches
         views = self.make_views(images, step, micro) if self.views_on_device else images
         if self.channels_last:
             b, v = views.shape[:2]
