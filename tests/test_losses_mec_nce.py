@@ -128,6 +128,44 @@ def test_mec_series_is_the_log_det_for_small_lambda() -> None:
     assert loss == pytest.approx(-lamda_inv * logdet / 6, rel=1e-12)
 
 
+@pytest.mark.parametrize("form", ["mm", "dd"])
+@pytest.mark.parametrize("lamda_inv", [0.3, 20.0])
+def test_mec_exact_log_det_in_both_forms(form: str, lamda_inv: float) -> None:
+    # order=None is -lamda_inv/(2m)·[log|det(I_m + λP̂1Ẑ2ᵀ)| + log|det(I_m + λP̂2Ẑ1ᵀ)|], also outside the series' radius
+    # (λ = 1/0.3): the d×d form gives the same value by Sylvester's determinant identity.
+    m, d = (6, 10) if form == "mm" else (10, 6)
+    z1, z2, p1, p2 = (_rand(m, d, seed=s, dtype=torch.float64) for s in range(20, 24))
+    n = F.normalize
+
+    def logdet(p, z):
+        return torch.linalg.slogdet(torch.eye(m, dtype=torch.float64) + n(p, dim=1) @ n(z, dim=1).T / lamda_inv)[1]
+
+    expected = -lamda_inv * (logdet(p1, z2) + logdet(p2, z1)) / (2 * m)
+    got = _forced(z1, z2, p1, p2, form=form, order=None, lamda_inv=lamda_inv)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    z1.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: mec_loss(a, z2, p1, p2, order=None, lamda_inv=lamda_inv), (z1,))
+
+
+def test_mec_rotated_low_rank_student_is_unbounded_for_the_series_not_for_the_log_det() -> None:
+    # Teacher rows evenly on a circle in 2 of d dims, student rows the same circle turned by θ = 45°: P̂Ẑᵀ has the two
+    # eigenvalues (m/2)e^{±iθ}; with x = λm/2, tr((λP̂Ẑᵀ)^k) = 2 x^k cos(kθ), so by hand
+    #   order 4:  loss = -(2/(λm)) Σ_{k<=4} (-1)^{k+1} x^k cos(kθ)/k      (λm = 8: x = 4, loss = -12.936)
+    #   exact:    loss = -(2/(λm)) log|1 + x e^{iθ}|                      (λm = 8: -0.390)
+    # against about -1 for healthy, aligned, full-rank rows: the series rewards this degenerate solution.
+    m, d, lam_m, theta = 256, 64, 8.0, math.pi / 4
+    ang = torch.arange(m, dtype=torch.float64) * 2 * math.pi / m
+    p, z = torch.zeros(m, d, dtype=torch.float64), torch.zeros(m, d, dtype=torch.float64)
+    p[:, 0], p[:, 1] = ang.cos(), ang.sin()
+    z[:, 0], z[:, 1] = (ang + theta).cos(), (ang + theta).sin()
+    x = lam_m / 2
+    series = -(2 / lam_m) * sum((-1) ** (k + 1) * x**k * math.cos(k * theta) / k for k in range(1, 5))
+    exact = -(2 / lam_m) * math.log(abs(1 + x * complex(math.cos(theta), math.sin(theta))))
+    assert series == pytest.approx(-12.936, abs=1e-3) and exact == pytest.approx(-0.390, abs=1e-3)
+    assert mec_loss(z, z, p, p, order=4, lamda_inv=m / lam_m).item() == pytest.approx(series, rel=1e-9)
+    assert mec_loss(z, z, p, p, order=None, lamda_inv=m / lam_m).item() == pytest.approx(exact, rel=1e-9)
+
+
 @pytest.mark.parametrize("lamda_inv", [0.05, 1.0, 32.0, 1000.0])
 def test_mec_order_one_is_minus_mean_cosine(lamda_inv: float) -> None:
     z1, z2, p1, p2 = (_rand(7, 5, seed=s) for s in range(10, 14))

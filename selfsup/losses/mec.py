@@ -34,6 +34,18 @@ the ``d×d`` matrix ``λ ẐᵀP̂`` otherwise. Only the powers up to ``h = ⌈K
 formed, and ``tr(M^k) = Σ_ij (M^a)_ij (M^b)_ji`` with ``a + b = k``; K = 4 therefore
 costs one ``n×n`` matrix product after forming ``M`` (OFF-MEC: three).
 
+**The truncated series is unbounded below.** ``P̂Ẑᵀ`` is not symmetric (student
+and teacher rows differ), so it can have complex eigenvalues ``ρe^{±iθ}``. Rows
+spread evenly on a circle in an ``r``-dimensional subspace, student rotated by θ
+from teacher, give ``tr((λP̂Ẑᵀ)^k) = r·x^k·cos(kθ)`` with ``x = λm/r``, and
+``loss = −(r/(λm)) Σ_k (−1)^{k+1} x^k cos(kθ)/k``: at θ = 45° the order-4 term
+alone contributes ``−(r/(λm))·x⁴/4``, so for ``x > 1`` the loss falls without
+bound (``λm = 8, r = 2``: −12.9, against about −1 for healthy aligned rows). A
+predictor can learn that rotation; small, short runs at OFF-MEC's ``λm = d/ε²``
+(16–32) do (loss −6…−12, features collapsed). ``order=None`` uses the exact
+``log |det(I + λP̂Ẑᵀ)| = Σ log|1 + λμ|``, which grows only logarithmically: the
+same configuration scores ``−(r/(λm))·log|1 + x e^{iθ}|`` (−0.39 for ``λm = 8, r = 2``), worse than healthy rows, so full rank wins again.
+
 **Numerics.** The maths runs in float32 (float64 inputs stay float64) with
 autocast disabled: at collapse ``tr(M⁴) = (λm)⁴`` overflows fp16. Non-finite
 inputs raise ``FloatingPointError`` instead of being dropped.
@@ -143,14 +155,18 @@ def _choose_form(m: int, d: int) -> Literal["mm", "dd"]:
     return "mm" if m <= d else "dd"
 
 
-def _trace_series(p_hat: Tensor, z_hat: Tensor, lam: float, order: int, form: Literal["mm", "dd"]) -> Tensor:
-    """``tr Σ_{k=1..order} (−1)^{k+1} (λ P̂Ẑᵀ)^k / k`` computed on the ``form`` matrix."""
+def _trace_series(p_hat: Tensor, z_hat: Tensor, lam: float, order: int | None, form: Literal["mm", "dd"]) -> Tensor:
+    """``tr Σ_{k=1..order} (−1)^{k+1} (λ P̂Ẑᵀ)^k / k`` computed on the ``form`` matrix
+    (``order=None``: ``log |det(I + λ P̂Ẑᵀ)|``, the function the series truncates)."""
     if form == "mm":
         mat = lam * (p_hat @ z_hat.mT)  # [m, m]
     elif form == "dd":
-        mat = lam * (z_hat.mT @ p_hat)  # [d, d], same traces of powers
+        mat = lam * (z_hat.mT @ p_hat)  # [d, d], same traces of powers, same det(I + .) (Sylvester)
     else:
         raise ValueError(f"form must be 'mm' or 'dd', got {form!r}")
+    if order is None:
+        eye = torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
+        return torch.linalg.slogdet(eye + mat).logabsdet
     half = (order + 1) // 2
     powers = [mat]  # powers[j] = M^(j+1)
     for _ in range(half - 1):
@@ -174,7 +190,7 @@ def mec_loss(
     p2: Tensor | None = None,
     *,
     eps_sq: float = 64.0,
-    order: int = 4,
+    order: int | None = 4,
     lamda_inv: float | Tensor | None = None,
     return_parts: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
@@ -187,7 +203,10 @@ def mec_loss(
             them in the caller). Both omitted: ``z1`` and ``z2`` stand in for them.
         eps_sq: ``ε²`` (> 0), used for the default ``lamda_inv``.
         order: Taylor order ``K >= 1`` (OFF-MEC: 4). Order 1 is the pure alignment
-            ``−½ (mean cos(p1, z2) + mean cos(p2, z1))`` for any ``lamda_inv``.
+            ``−½ (mean cos(p1, z2) + mean cos(p2, z1))`` for any ``lamda_inv``. ``None``: the exact
+            ``log |det(I + λ P̂Ẑᵀ)|`` (one LU factorisation of the smaller matrix), which the series
+            approximates while ``λ·|eig(P̂Ẑᵀ)| < 1`` and which, unlike the truncated series, is bounded
+            below (see "The truncated series is unbounded below").
         lamda_inv: ``1/λ`` (> 0), e.g. from :func:`mec_warmup_lamda_inv`; default
             ``m·eps_sq/d`` with ``m`` the rows passed in.
         return_parts: also return ``{"mec", "coding_length", "lamda_inv"}``:
@@ -214,14 +233,14 @@ def _mec_loss(
     p2: Tensor | None,
     *,
     eps_sq: float,
-    order: int,
+    order: int | None,
     lamda_inv: float | Tensor | None,
     return_parts: bool,
     form: Form,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """:func:`mec_loss` with the matrix form selectable (``"mm"``/``"dd"`` for tests and benches)."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order (the Taylor order K) must be an int >= 1, got {order!r}")
+    if order is not None and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
+        raise ValueError(f"order (the Taylor order K) must be an int >= 1, or None for the exact log det; got {order!r}")
     if not isinstance(eps_sq, Real) or not (math.isfinite(eps_sq) and eps_sq > 0):
         raise ValueError(f"eps_sq (ε², the squared distortion) must be finite and > 0, got {eps_sq!r}")
     if (p1 is None) != (p2 is None):
