@@ -4,6 +4,7 @@ cores, side by side with the randomly initialised network, in one script run (fu
 
     python bench/bench_cpu_small.py                                  # MMCR cpu-small only
     python bench/bench_cpu_small.py --recipes mmcr mec simclr byol   # the four methods, one after the other
+    python bench/bench_cpu_small.py --recipes mae can --linear       # + the `fast` linear probe (issue: ViTs)
     python bench/bench_cpu_small.py --recipes mec -- --method.init_args.eps_sq 128   # overrides for every run
 
 Each run uses the recipe as shipped (its own ``trainer.max_steps``, chosen to take ~10 minutes on an unloaded
@@ -30,27 +31,40 @@ RECIPES = {
     "mec": "mec-cpu-small.yaml",
     "simclr": "simclr-cpu-small.yaml",
     "byol": "byol-cpu-small.yaml",
+    "mae": "mae-cpu-small.yaml",
+    "can": "can-cpu-small.yaml",
 }
 
 
-def knn_full(backbone, data) -> dict:
+def evaluate(backbone, data, linear: bool) -> dict:
+    """kNN (k=200, T=0.5) and, with ``linear``, the ``fast`` linear probe (cached features, lr x wd grid selected
+    on a held-out 10% of train, never on test) on the full train / test splits."""
     from selfsup.data.build import build_eval_dataset
     from selfsup.eval.features import extract_features
     from selfsup.eval.knn import knn_accuracy
+    from selfsup.eval.linear import linear_probe_cached
+    from selfsup.eval.protocols import get_protocol
 
     bank = build_eval_dataset(data, "train")
     test = build_eval_dataset(data, "test")
     bf, by = extract_features(backbone, DataLoader(bank, batch_size=1000))
     tf, ty = extract_features(backbone, DataLoader(test, batch_size=1000))
-    return {"n_bank": len(by), "n_test": len(ty), **knn_accuracy(bf, by, tf, ty, num_classes=10, k=200, temperature=0.5)}
+    out = {"n_bank": len(by), "n_test": len(ty), **knn_accuracy(bf, by, tf, ty, num_classes=10, k=200, temperature=0.5)}
+    if linear:
+        probe = linear_probe_cached(bf, by, tf, ty, 10, get_protocol("fast").probe)
+        out["linear"] = {"test_top1": probe.test_top1, "test_top1_last": probe.test_top1_last,
+                         "val_top1": probe.val_top1, "lr": probe.lr, "weight_decay": probe.weight_decay}
+    return out
 
 
-def _instantiate(recipe: str, zip_path: str, overrides: list[str]):
+def _instantiate(recipe: str, zip_path: str, overrides: list[str], runs_dir: str | None):
     import lightning as L
 
     from selfsup.cli import _pretrain_parser
 
-    out = tempfile.mkdtemp(prefix=f"{Path(recipe).stem}-")
+    if runs_dir:
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    out = tempfile.mkdtemp(prefix=f"{Path(recipe).stem}-", dir=runs_dir)
     argv = ["--config", recipe, "--data.root", zip_path, "--trainer.out_dir", out,
             "--monitor.every_n_epochs", "0", *overrides]
     parser = _pretrain_parser()
@@ -69,6 +83,8 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=["mmcr"], help=f"names ({', '.join(RECIPES)}) or YAML paths")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default=None, help="also write the JSON here")
+    ap.add_argument("--linear", action="store_true", help="also run the `fast` linear probe (cached features)")
+    ap.add_argument("--runs-dir", default=None, help="keep each run directory under here (default: a temp dir)")
     args, overrides = ap.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
     torch.set_num_threads(args.threads)
@@ -77,32 +93,43 @@ def main() -> None:
     rows, random_knn, random_digest, results = [], None, None, {}
     for name in args.recipes:
         recipe = str(ROOT / "recipes" / RECIPES[name]) if name in RECIPES else name
-        init, cfg = _instantiate(recipe, args.zip, overrides)
+        init, cfg = _instantiate(recipe, args.zip, overrides, args.runs_dir)
         digest = _state_digest(init.method.backbone)
         if random_knn is None:
             t0 = time.time()
-            random_knn = knn_full(init.method.backbone, init.data)
+            random_knn = evaluate(init.method.backbone, init.data, args.linear)
             random_digest = digest
-            print(f"random init: kNN top-1 {random_knn['top1']:.2f}% ({time.time() - t0:.0f} s to evaluate)", flush=True)
+            print(f"random init: kNN top-1 {random_knn['top1']:.2f}%{_lin(random_knn)} ({time.time() - t0:.0f} s to "
+                  "evaluate)", flush=True)
         same_init = abs(digest - random_digest) < 1e-6 * max(1.0, abs(random_digest))
         t0 = time.time()
         pretrain(init.method, init.data, init.optim, init.trainer, init.monitor)
         minutes = (time.time() - t0) / 60
-        knn = knn_full(init.method.backbone, init.data)
-        results[name] = {"recipe": recipe, "method": type(init.method).__name__, "steps": cfg.trainer.max_steps,
+        knn = evaluate(init.method.backbone, init.data, args.linear)
+        results[name] = {"run_dir": str(cfg.trainer.out_dir), "recipe": recipe, "method": type(init.method).__name__, "steps": cfg.trainer.max_steps,
                          "pretrain_minutes": round(minutes, 2), "same_random_init": same_init, "knn": knn}
-        rows.append((name, type(init.method).__name__, cfg.trainer.max_steps, minutes, knn["top1"]))
-        print(f"{name}: kNN top-1 {knn['top1']:.2f}% after {minutes:.1f} min ({cfg.trainer.max_steps} steps)",
-              flush=True)
+        if not same_init:
+            print(f"warning: {name}'s backbone does not start from the random-init row's weights", flush=True)
+        rows.append((name, type(init.method).__name__, cfg.trainer.max_steps, minutes, knn))
+        print(f"{name}: kNN top-1 {knn['top1']:.2f}%{_lin(knn)} after {minutes:.1f} min ({cfg.trainer.max_steps} "
+              "steps)", flush=True)
     res = {"random_init": random_knn, "runs": results, "overrides": overrides, "threads": args.threads}
     print(json.dumps(res, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=2))
     print("\nCIFAR-10 kNN top-1 (k=200, T=0.5), full 50k bank / 10k test, backbone features:")
-    print(f"  {'recipe':<10} {'method':<8} {'steps':>6} {'minutes':>8} {'top-1':>7} {'vs random':>10}")
-    print(f"  {'random':<10} {'-':<8} {0:>6} {0:>8.1f} {random_knn['top1']:>7.2f} {0:>+10.2f}")
-    for name, method, steps, minutes, top1 in rows:
-        print(f"  {name:<10} {method:<8} {steps:>6} {minutes:>8.1f} {top1:>7.2f} {top1 - random_knn['top1']:>+10.2f}")
+    head = f"  {'recipe':<10} {'method':<8} {'steps':>6} {'minutes':>8} {'kNN':>7} {'vs random':>10}"
+    print(head + (f" {'linear':>7} {'vs random':>10}" if args.linear else ""))
+    for name, method, steps, minutes, ev in [("random", "-", 0, 0.0, random_knn), *rows]:
+        line = f"  {name:<10} {method:<8} {steps:>6} {minutes:>8.1f} {ev['top1']:>7.2f} {ev['top1'] - random_knn['top1']:>+10.2f}"
+        if args.linear:
+            lin, lin0 = ev["linear"]["test_top1"], random_knn["linear"]["test_top1"]
+            line += f" {lin:>7.2f} {lin - lin0:>+10.2f}"
+        print(line)
+
+
+def _lin(ev: dict) -> str:
+    return f", linear {ev['linear']['test_top1']:.2f}%" if "linear" in ev else ""
 
 
 if __name__ == "__main__":

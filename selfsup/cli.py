@@ -1,4 +1,5 @@
-"""``selfsup`` command line: ``demo``, ``pretrain``, ``knn``, ``linear``, ``export``.
+"""``selfsup`` command line: ``demo``, ``pretrain``, ``knn``, ``linear``, ``finetune``, ``export``, ``reconstruct``,
+``report``, ``select``, ``fewshot``.
 
 Configs are typed (jsonargparse): a recipe YAML is read with ``--config``, any field can be
 overridden on the command line (``--optim.lr 0.002``, ``--method.init_args.lmbda 0.1``), and an
@@ -23,11 +24,13 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from selfsup.data.datasets import CorruptImageError
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
-from selfsup.eval.protocols import protocol_names
+from selfsup.eval.protocols import finetune_protocol_names, protocol_names
 from selfsup.methods import Method
 
 #: A linear-probe protocol name, checked when the command line / recipe is parsed.
 ProtocolName = Literal[protocol_names()]  # type: ignore[valid-type]
+#: A fine-tune protocol name (selfsup.eval.protocols.FINETUNE_PROTOCOLS).
+FinetuneProtocolName = Literal[finetune_protocol_names()]  # type: ignore[valid-type]
 WHICH_HELP = "online, a teacher the method declares (e.g. teacher), or momentum (the EMA copy of older checkpoints)"
 
 
@@ -86,7 +89,9 @@ def _eval_common(p: ArgumentParser) -> None:
     p.add_argument("--which", type=str, default="online", help=f"backbone to evaluate: {WHICH_HELP}")
     p.add_class_arguments(EvalData, "data")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--output", type=Optional[str], default=None, help="write the result JSON here (not overwritten)")
+    p.add_argument("--output", type=Optional[str], default=None,
+                   help="write the result JSON here (not overwritten); default: "
+                        "RUN_DIR/eval/<kind>-<checkpoint>[-N].json when the checkpoint lies in a run directory")
 
 
 def _knn_parser() -> ArgumentParser:
@@ -121,6 +126,9 @@ def _linear_parser() -> ArgumentParser:
                    help="scale the lrs by probe_batch_size / 256")
     p.add_argument("--val_fraction", type=Optional[float], default=None)
     p.add_argument("--seed", type=Optional[int], default=None)
+    p.add_argument("--pool", type=Optional[Literal["token", "avg"]], default=None,
+                   help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own "
+                        "(selfsup.eval.pool)")
     return p
 
 
@@ -131,6 +139,21 @@ def _export_parser() -> ArgumentParser:
     p.add_argument("--out", type=str, required=True, help="output directory")
     p.add_argument("--which", type=str, default="online", help=f"backbone to export: {WHICH_HELP}")
     p.add_argument("--overwrite", type=bool, default=False)
+    return p
+
+
+def _reconstruct_parser() -> ArgumentParser:
+    p = ArgumentParser(description="PNG grid of an MAE / CAN checkpoint's reconstructions: one test image per row, "
+                                   "columns original, masked, reconstruction.", exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--checkpoint", type=str, required=True, help="a selfsup .ckpt of MAE or CAN")
+    p.add_class_arguments(EvalData, "data")
+    p.add_argument("--output", type=str, default="reconstruction.png", help="the PNG to write (not overwritten)")
+    p.add_argument("--num_images", type=int, default=8, help="the first N images of --data.test_split")
+    p.add_argument("--mask_ratio", type=Optional[float], default=None, help="default: the method's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour magnification of every panel")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, or auto")
     return p
 
 
@@ -221,19 +244,23 @@ def _eval_setup(cfg):
     if cfg.output and Path(cfg.output).exists():  # fail before any work
         raise FileExistsError(f"--output '{cfg.output}' exists; refusing to overwrite it")
     backbone, meta = _read_checkpoint(cfg.checkpoint, cfg.which)
-    d = cfg.data
+    data = eval_data_config(cfg.data, meta, cfg.checkpoint)
+    device = _device(cfg.device)
+    return on_device(backbone, device), data, meta, device
+
+
+def eval_data_config(d: EvalData, meta: dict, checkpoint: str) -> DataConfig:
+    """The eval ``DataConfig``: each ``--data.*`` given, else the checkpoint's dataset, root and augmentation."""
     dataset = d.dataset or meta.get("dataset")
     if dataset is None:
-        raise ValueError(f"'{cfg.checkpoint}' does not say which dataset it was trained on: pass --data.dataset")
+        raise ValueError(f"'{checkpoint}' does not say which dataset it was trained on: pass --data.dataset")
     root = d.root if d.root is not None else (meta.get("root") if dataset == meta.get("dataset") else None)
     augment = d.augment or meta.get("augment") or ("cifar10" if dataset == "demo" else dataset)
     overrides = meta.get("config", {}).get("data", {}).get("augment_overrides") if not d.augment else None
-    data = DataConfig(dataset=dataset, root=root, download=d.download, bank_split=d.train_split,
+    return DataConfig(dataset=dataset, root=root, download=d.download, bank_split=d.train_split,
                       augment_overrides=overrides,
                       test_split=d.test_split, class_list=d.class_list, augment=augment, in_memory=d.in_memory,
                       image_size=d.image_size, num_workers=d.num_workers, skip_corrupt=d.skip_corrupt)
-    device = _device(cfg.device)
-    return on_device(backbone, device), data, meta, device
 
 
 def on_device(backbone, device):
@@ -241,7 +268,10 @@ def on_device(backbone, device):
     return backbone.to(device)
 
 
-def _write_output(path: Optional[str], result: dict) -> None:
+def _write_output(path: Optional[str], result: dict, kind: Optional[str] = None,
+                  checkpoint: Optional[str] = None) -> Optional[Path]:
+    """Print ``result``; write it to ``path`` (never overwritten), else, when ``checkpoint`` lies in a run directory,
+    to ``RUN_DIR/eval/<kind>-<checkpoint>[-N].json`` (:func:`selfsup.eval.results.write_eval_result`)."""
     text = json.dumps(result, indent=2)
     print(text)
     if path:
@@ -250,6 +280,14 @@ def _write_output(path: Optional[str], result: dict) -> None:
             raise FileExistsError(f"--output '{p}' exists; refusing to overwrite it (result printed above)")
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
+        return p
+    from selfsup.eval.results import find_run_dir, write_eval_result
+
+    if kind and checkpoint and Path(checkpoint).is_file() and find_run_dir(checkpoint) is not None:
+        written = write_eval_result(checkpoint, kind, result)
+        print(f"result written to {written}", file=sys.stderr)
+        return written
+    return None
 
 
 def _features(backbone, data: DataConfig, split: str, batch_size: int, device):
@@ -276,7 +314,7 @@ def run_knn(argv: list[str]) -> dict:
     acc = knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=c, k=cfg.k, temperature=cfg.temperature)
     result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "k": cfg.k, "temperature": cfg.temperature,
               "bank": int(bank_y.numel()), "test": int(test_y.numel()), **acc, "seconds": round(time.time() - t0, 2)}
-    _write_output(cfg.output, result)
+    _write_output(cfg.output, result, kind="knn", checkpoint=cfg.checkpoint)
     return result
 
 
@@ -297,6 +335,9 @@ def run_linear(argv: list[str]) -> dict:
     cfg = parser.parse_args(argv)
     backbone, data, meta, device = _eval_setup(cfg)
     protocol = linear_protocol(cfg, meta)
+    from selfsup.eval.pool import current_pool, set_global_pool
+
+    set_global_pool(backbone, cfg.pool)
     from selfsup.eval.linear import linear_probe_augmented, linear_probe_cached
 
     t0 = time.time()
@@ -318,9 +359,10 @@ def run_linear(argv: list[str]) -> dict:
         test_f, test_y, _ = _features(backbone, data, data.test_split, cfg.data.batch_size, device)
         res = linear_probe_cached(train_f, train_y, test_f, test_y, c, protocol.probe, device=device)
     result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "protocol": protocol.name,
-              "augmented": protocol.augmented, "train_augment": protocol.train_augment, **res.to_dict(),
+              "augmented": protocol.augmented, "train_augment": protocol.train_augment,
+              "pool": current_pool(backbone), **res.to_dict(),
               "total_seconds": round(time.time() - t0, 2)}
-    _write_output(cfg.output, result)
+    _write_output(cfg.output, result, kind="linear", checkpoint=cfg.checkpoint)
     return result
 
 
@@ -334,6 +376,19 @@ def run_export(argv: list[str]) -> dict:
     return paths
 
 
+def run_reconstruct(argv: list[str]) -> dict:
+    cfg = _reconstruct_parser().parse_args(argv)
+    cfg.which = "online"
+    _, data, _, device = _eval_setup(cfg)  # the checkpoint's dataset and normalisation unless given
+    from selfsup.reconstruct import reconstruct
+
+    with reading_checkpoint(cfg.checkpoint):
+        result = reconstruct(cfg.checkpoint, cfg.output, data, num_images=cfg.num_images, mask_ratio=cfg.mask_ratio,
+                             seed=cfg.seed, upscale=cfg.upscale, device=device)
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def run_demo(argv: list[str]) -> dict:
     cfg = _demo_parser().parse_args(argv)
     from selfsup.demo import demo
@@ -341,7 +396,175 @@ def run_demo(argv: list[str]) -> dict:
     return demo(out_dir=cfg.out_dir, epochs=cfg.epochs, progress_bar=cfg.progress_bar)
 
 
-COMMANDS = {"demo": run_demo, "pretrain": run_pretrain, "knn": run_knn, "linear": run_linear, "export": run_export}
+def _finetune_parser() -> ArgumentParser:
+    import dataclasses
+    import typing
+
+    from selfsup.eval.finetune import FinetuneConfig
+
+    p = ArgumentParser(description="Fine-tune a backbone end to end with a new linear head (layer-wise lr decay, mixup / "
+                                   "cutmix, label smoothing, drop path, RandAugment), selected on a held-out part of "
+                                   "train. A protocol preset gives every value; a flag given explicitly overrides it.",
+                       exit_on_error=False)
+    _eval_common(p)
+    p.add_argument("--protocol", type=Optional[FinetuneProtocolName], default=None,
+                   help="preset (selfsup.eval.protocols.FINETUNE_PROTOCOLS); default: fast")
+    p.add_argument("--amp", type=Literal["auto", "none", "bf16", "fp16"], default="auto",
+                   help="autocast dtype; auto: bf16 on a CUDA device that supports it, else fp32")
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in dataclasses.fields(FinetuneConfig):  # one override per FinetuneConfig field
+        p.add_argument(f"--{f.name}", type=Optional[hints[f.name]], default=None,
+                       help="default: the protocol's (selfsup.eval.finetune.FinetuneConfig)")
+    return p
+
+
+def run_finetune(argv: list[str]) -> dict:
+    import dataclasses
+
+    from selfsup.eval.finetune import FinetuneConfig
+    from selfsup.eval.finetune_data import finetune_on_data, prepare_backbone
+    from selfsup.eval.load import checkpoint_meta
+    from selfsup.eval.protocols import resolve_finetune
+
+    cfg = _finetune_parser().parse_args(argv)
+    if cfg.output and Path(cfg.output).exists():  # fail before any work
+        raise FileExistsError(f"--output '{cfg.output}' exists; refusing to overwrite it")
+    protocol = resolve_finetune(cfg.protocol or "fast",
+                                **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)})
+    with reading_checkpoint(cfg.checkpoint):
+        backbone, spec = prepare_backbone(cfg.checkpoint, protocol.config, cfg.which)
+        meta = checkpoint_meta(cfg.checkpoint)
+    data = eval_data_config(cfg.data, meta, cfg.checkpoint)
+    t0 = time.time()
+    res = finetune_on_data(backbone, data, protocol.config, device=_device(cfg.device), amp=cfg.amp,
+                           eval_batch_size=cfg.data.batch_size)
+    result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "protocol": protocol.name, "backbone": spec,
+              **res.to_dict(), "total_seconds": round(time.time() - t0, 2)}
+    _write_output(cfg.output, result, kind="finetune", checkpoint=cfg.checkpoint)
+    return result
+
+
+def _report_parser() -> ArgumentParser:
+    p = ArgumentParser(description="PNG plots and one self-contained HTML page of one or several pretraining runs "
+                                   "(losses, lr, kNN, effective rank, singular-value spectra, config, eval results); "
+                                   "works on a run that is still going or was killed.", exit_on_error=False)
+    p.add_argument("run_dirs", nargs="+", type=str, help="run directories (trainer.out_dir of selfsup pretrain)")
+    p.add_argument("--out", type=Optional[str], default=None,
+                   help="output directory; default RUN_DIR/report for one run, reports/<a>-vs-<b> for several")
+    return p
+
+
+def run_report(argv: list[str]) -> dict:
+    cfg = _report_parser().parse_args(argv)
+    from selfsup.report import build_report
+
+    result = build_report(cfg.run_dirs, cfg.out, command="selfsup report " + " ".join(argv))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _select_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Score every checkpoint of a run on a held-out part of the train split (never the "
+                                   "test split; rankme needs no labels), pick one, and report the test score of the "
+                                   "pick and of last.ckpt side by side.", exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("run_dir", type=str, help="run directory (trainer.out_dir of selfsup pretrain)")
+    p.add_argument("--by", type=Literal["knn", "linear", "rankme"], default="knn",
+                   help="knn: held-out kNN top-1; linear: held-out linear-probe top-1; rankme: RankMe of features")
+    p.add_argument("--which", type=str, default="online", help=f"backbone to score: {WHICH_HELP}")
+    p.add_class_arguments(EvalData, "data")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="held-out part of the train split (stratified)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the RankMe subset")
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--rankme_images", type=int, default=2000, help="train images RankMe is computed on")
+    p.add_argument("--protocol", type=Optional[ProtocolName], default=None,
+                   help="--by linear: a cached probe preset (default fast); --epochs / --lrs override it")
+    p.add_argument("--epochs", type=Optional[int], default=None, help="--by linear: probe epochs")
+    p.add_argument("--lrs", type=Optional[list[float]], default=None, help="--by linear: probe lr grid")
+    p.add_argument("--test_scores", type=bool, default=True, help="score the pick and last.ckpt on the test split")
+    p.add_argument("--diagnostic_best_on_test", type=bool, default=False,
+                   help="also score every checkpoint on test and show the best, labelled a diagnostic (never picked)")
+    p.add_argument("--output", type=Optional[str], default=None,
+                   help="write the result JSON here (not overwritten); default RUN_DIR/eval/select-<by>[-N].json")
+    return p
+
+
+def run_select(argv: list[str]) -> dict:
+    cfg = _select_parser().parse_args(argv)
+    if cfg.output and Path(cfg.output).exists():  # fail before any work
+        raise FileExistsError(f"--output '{cfg.output}' exists; refusing to overwrite it")
+    from selfsup.eval.load import checkpoint_meta
+    from selfsup.eval.protocols import resolve
+    from selfsup.eval.results import write_eval_result
+    from selfsup.eval.select import SelectOptions, list_checkpoints, select_checkpoint
+
+    newest = str(list_checkpoints(cfg.run_dir)[-1]["path"])  # names a missing / empty run dir first
+    with reading_checkpoint(newest):
+        meta = checkpoint_meta(newest)
+    data = eval_data_config(cfg.data, meta, newest)
+    protocol = resolve(cfg.protocol or "fast", epochs=cfg.epochs, lrs=cfg.lrs)
+    if cfg.by == "linear" and protocol.augmented:
+        raise ValueError(f"select --by linear trains on cached features; protocol '{protocol.name}' is augmented: "
+                         "choose a cached one (e.g. fast)")
+    opts = SelectOptions(by=cfg.by, which=cfg.which, val_fraction=cfg.val_fraction, seed=cfg.seed, k=cfg.k,
+                         temperature=cfg.temperature, rankme_images=cfg.rankme_images, probe=protocol.probe,
+                         test_scores=cfg.test_scores, diagnostic_best_on_test=cfg.diagnostic_best_on_test,
+                         batch_size=cfg.data.batch_size)
+    with reading_checkpoint(cfg.run_dir):
+        result = select_checkpoint(cfg.run_dir, data, opts, device=_device(cfg.device),
+                                   log=lambda msg: print(msg, file=sys.stderr))
+    if cfg.output:
+        _write_output(cfg.output, result)
+    else:
+        print(json.dumps(result, indent=2))
+        path = write_eval_result(cfg.run_dir, f"select-{cfg.by}", result)
+        print(f"result written to {path}", file=sys.stderr)
+    return result
+
+
+def _fewshot_parser() -> ArgumentParser:
+    from selfsup.eval.fewshot import FewShotConfig
+
+    p = ArgumentParser(description="Few-shot accuracy of a frozen backbone: seeded n-way n-shot episodes (support from "
+                                   "--data.train_split, queries from --data.test_split), a nearest-prototype or linear "
+                                   "classifier per episode, the mean accuracy with its 95% interval.",
+                       exit_on_error=False)
+    _eval_common(p)
+    p.add_class_arguments(FewShotConfig, "fewshot")
+    p.add_argument("--pool", type=Optional[Literal["token", "avg"]], default=None,
+                   help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own")
+    return p
+
+
+def run_fewshot(argv: list[str]) -> dict:
+    parser = _fewshot_parser()
+    cfg = parser.parse_args(argv)
+    fs = parser.instantiate(cfg).fewshot  # validates the FewShotConfig
+    backbone, data, _, device = _eval_setup(cfg)
+    from selfsup.data.build import build_eval_dataset, train_augmented_dataset
+    from selfsup.eval.fewshot import few_shot_eval
+    from selfsup.eval.pool import current_pool, set_global_pool
+
+    set_global_pool(backbone, cfg.pool)
+    t0 = time.time()
+    support = build_eval_dataset(data, data.bank_split)
+    query = support if data.test_split == data.bank_split else build_eval_dataset(data, data.test_split)
+    augmented = train_augmented_dataset(data, data.bank_split) if fs.augs_per_image > 0 else None
+    res = few_shot_eval(backbone, support, query, fs, support_augmented=augmented, device=device,
+                        batch_size=cfg.data.batch_size, num_workers=0 if data.in_memory else data.num_workers)
+    print(res.summary, file=sys.stderr)
+    result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "support_split": data.bank_split,
+              "query_split": data.test_split, "pool": current_pool(backbone), **res.to_dict(),
+              "total_seconds": round(time.time() - t0, 2)}
+    _write_output(cfg.output, result, kind="fewshot", checkpoint=cfg.checkpoint)
+    return result
+
+
+COMMANDS = {"demo": run_demo, "pretrain": run_pretrain, "knn": run_knn, "linear": run_linear, "export": run_export,
+            "reconstruct": run_reconstruct, "finetune": run_finetune, "report": run_report, "select": run_select,
+            "fewshot": run_fewshot}
 
 
 def _one_line(e: BaseException) -> str:

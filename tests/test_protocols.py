@@ -33,6 +33,12 @@ RECIPE_PROTOCOL = {
     "mec-cpu-small": "fast",
     "simclr-cpu-small": "fast",
     "byol-cpu-small": "fast",
+    "mae-imagenet": "mae-linprobe",
+    "can-imagenet": "mae-linprobe",
+    "mae-cifar10": "fast",
+    "can-cifar10": "fast",
+    "mae-cpu-small": "fast",
+    "can-cpu-small": "fast",
 }
 
 
@@ -50,7 +56,8 @@ def _fields(p):
 
 def test_presets_hold_the_seed_values():
     """Spec §5.2 / §7: (augmented, train augmentation, optimiser, lr, wd, batch, epochs, warm-up, lr scaling, head)."""
-    assert list(PROTOCOLS) == ["fast", "off-mmcr-cifar", "off-mmcr-imagenet", "min-mmcr", "mec-imagenet"]
+    assert list(PROTOCOLS) == ["fast", "off-mmcr-cifar", "off-mmcr-imagenet", "min-mmcr", "mec-imagenet",
+                              "mae-linprobe"]  # mae-linprobe: tests/test_mae_linprobe.py
     # OFF-MEC main_lincls.py + linear.sh: LARC-wrapped SGD 0.03 x B/256, wd 0, batch 4096, BN(affine=False) head
     assert _fields(PROTOCOLS["mec-imagenet"]) == (True, "crop_flip", "lars", (0.03,), (0.0,), 4096, 100, 0.0, "linear",
                                                    "bn")

@@ -16,6 +16,7 @@ from selfsup.data.transforms import CIFAR10_MEAN, IMAGENET_MEAN, PRESETS, MultiV
 from selfsup.eval.protocols import PROTOCOLS
 
 TINY = "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}"
+TINY_VIT = "{name: vit_tiny, kwargs: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}}"
 
 #: recipe -> (method class, small-head overrides)
 CPU_SMALL = {
@@ -24,6 +25,11 @@ CPU_SMALL = {
     "simclr-cpu-small": ("SimCLR", ["--method.init_args.projector", "[32, 16]"]),
     "byol-cpu-small": ("BYOL", ["--method.init_args.projector", "[32, 16]",
                                 "--method.init_args.predictor_hidden", "32"]),
+    "mae-cpu-small": ("MAE", ["--method.init_args.backbone", TINY_VIT,
+                              "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}"]),
+    "can-cpu-small": ("CAN", ["--method.init_args.backbone", TINY_VIT,
+                              "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}",
+                              "--method.init_args.proj_dim", "16"]),
 }
 
 #: method -> the recipes expected to exist for it
@@ -31,7 +37,10 @@ RECIPES = {
     "MEC": ["mec-imagenet", "mec-imagenet100", "mec-cifar10", "mec-cifar100", "mec-cpu-small"],
     "SimCLR": ["simclr-cifar10", "simclr-cifar100", "simclr-cpu-small"],
     "BYOL": ["byol-cifar10", "byol-cifar100", "byol-cpu-small"],
+    "MAE": ["mae-imagenet", "mae-cifar10", "mae-cpu-small"],
+    "CAN": ["can-imagenet", "can-cifar10", "can-cpu-small"],
 }
+VIEWS = {"MAE": 1}  #: views per image where not 2
 
 
 @pytest.mark.parametrize("recipe", list(CPU_SMALL))
@@ -42,7 +51,7 @@ def test_cpu_small_recipe_pretrains_and_evaluates(recipe, tmp_path, cifar_slice)
             "--data.root", str(cifar_slice),
             "--trainer.max_steps", "3", "--data.batch_size", "16", "--monitor.every_n_epochs", "0",
             "--trainer.logger", "none", "--trainer.progress_bar", "false", "--trainer.out_dir", str(run),
-            "--method.init_args.backbone", TINY, *heads]
+            *([] if "--method.init_args.backbone" in heads else ["--method.init_args.backbone", TINY]), *heads]
     assert main(args) == 0
     ckpt = run / "checkpoints" / "last.ckpt"
     meta = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -71,7 +80,7 @@ def test_new_methods_have_their_recipes(method):
     for recipe in RECIPES[method]:
         cfg = _pretrain_parser().parse_args(["--config", f"recipes/{recipe}.yaml"])
         assert cfg.method.class_path.rsplit(".", 1)[-1] == method, recipe
-        assert cfg.data.views == 2, recipe
+        assert cfg.data.views == VIEWS.get(method, 2), recipe
 
 
 def test_simclr_and_byol_presets():
@@ -86,7 +95,8 @@ def test_simclr_and_byol_presets():
     assert (a.blur_p, a.solarize_p, b.blur_p, b.solarize_p) == (0.0, 0.0, 0.0, 0.2)
 
 
-@pytest.mark.parametrize("name", ["simclr", "simclr_cifar", "byol", "byol_cifar", "mec"])
+@pytest.mark.parametrize("name", ["simclr", "simclr_cifar", "byol", "byol_cifar", "mec", "mae", "mae_cifar", "can",
+                                  "can_cifar"])
 def test_new_presets_work_in_both_view_modes(name):
     """Batched views (uint8 batch on the device) and per-image views (PIL or uint8, loader workers)."""
     size = as_pipelines(name)[0].crop_size

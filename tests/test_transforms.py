@@ -278,7 +278,7 @@ def test_generator_determinism(images_u8: torch.Tensor) -> None:
 
 def test_presets_match_spec() -> None:
     assert set(PRESETS) == {"cifar10", "cifar100", "cifar_min", "stl10", "imagenet", "mec", "simclr", "simclr_cifar",
-                            "byol", "byol_cifar"}
+                            "byol", "byol_cifar", "mae", "mae_cifar", "can", "can_cifar"}
     c10 = get_preset("cifar10")
     assert isinstance(c10, Augment)
     assert (c10.crop_size, c10.scale, c10.interpolation, c10.flip_p) == (32, (0.08, 1.0), "bilinear", 0.5)

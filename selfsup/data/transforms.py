@@ -26,6 +26,8 @@ The presets in :data:`PRESETS` reproduce the reference repositories (spec §3.2)
 * ``simclr`` / ``simclr_cifar``: symmetric SimCLR set (ImageNet: blur p 0.5; CIFAR: no blur, as the paper).
 * ``byol`` / ``byol_cifar``: the asymmetric BYOL pair (ImageNet: blur 1.0 / 0.1, solarize 0 / 0.2;
   CIFAR: 32 px, CIFAR mean/std, no blur, solarize 0 / 0.2, as solo-learn).
+* ``mae`` / ``mae_cifar``: MAE's crop (scale (0.2, 1), bicubic) and flip only.
+* ``can`` / ``can_cifar``: CAN's symmetric SimCLR-style pair source (crop scale (0.2, 1); ImageNet: blur p 0.5).
 
 One deliberate fix: solarisation thresholds are expressed on ``[0, 1]`` floats (0.5, i.e. 128 on uint8),
 never on raw uint8 values (MIN-MMCR's ``RandomSolarize(0.5)`` on PIL images inverts almost every pixel).
@@ -246,6 +248,10 @@ _SIMCLR = dataclasses.replace(_IMAGENET_A, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0
 # gray .2, no blur at this size, solarize 0 / 0.2; CIFAR-10 mean/std.
 _BYOL_CIFAR = dataclasses.replace(_CIFAR10, jitter=(0.4, 0.4, 0.2, 0.1))
 
+# MAE (spec §4): RandomResizedCrop(224, scale (0.2, 1), bicubic) + flip, nothing photometric; ImageNet mean/std.
+_MAE = dataclasses.replace(_IMAGENET_A, scale=(0.2, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0,
+                           blur_p=0.0, eval_interpolation="bicubic")
+
 PRESETS: dict[str, AugmentSpec] = {
     # OFF-MMCR CIFAR-10: RRC(32, (0.08, 1), bilinear), flip .5, jitter(.4,.4,.4,.1) p=.8, gray .2.
     "cifar10": _CIFAR10,
@@ -284,6 +290,15 @@ PRESETS: dict[str, AugmentSpec] = {
     "byol": (_IMAGENET_A, dataclasses.replace(_IMAGENET_A, blur_p=0.1, solarize_p=0.2)),
     # BYOL CIFAR (solo-learn): crop 32, CIFAR mean/std, no blur; A solarize 0, B solarize 0.2.
     "byol_cifar": (_BYOL_CIFAR, dataclasses.replace(_BYOL_CIFAR, solarize_p=0.2)),
+    # MAE pretraining (spec §4): RRC(224, (0.2, 1), bicubic) + flip only; eval Resize 256 (bicubic) + CenterCrop 224.
+    "mae": _MAE,
+    # MAE at 32 px: the same crop-and-flip-only pipeline, CIFAR-10 mean/std.
+    "mae_cifar": dataclasses.replace(_MAE, crop_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, eval_resize=None),
+    # CAN (CANc util/datasets, each of the 2 views): RRC(224, (0.2, 1), bilinear), flip, jitter (.4,.4,.4,.1) p .8,
+    # gray .2, blur sigma (0.1, 2) p .5, symmetric.
+    "can": dataclasses.replace(_SIMCLR, scale=(0.2, 1.0), interpolation="bilinear", eval_interpolation="bicubic"),
+    # CAN at 32 px: as ``can`` without blur (SimCLR's CIFAR choice), CIFAR-10 mean/std.
+    "can_cifar": dataclasses.replace(_CIFAR10, scale=(0.2, 1.0)),
 }
 
 

@@ -92,7 +92,7 @@ class OptimConfig:
 
 @dataclass
 class MonitorConfig:
-    """Online kNN monitor (backbone features, cosine, top-k weighted vote).
+    """Online kNN monitor (backbone features, cosine, top-k weighted vote) and embedding-spectrum monitor.
 
     Attributes:
         every_n_epochs: run after every N-th epoch (0 = off) and at the end of training.
@@ -102,6 +102,10 @@ class MonitorConfig:
         test_size: limit the queries to the first N test images (None = whole split).
         batch_size: feature-extraction batch per device.
         which: the backbone scored: ``online`` or a teacher the method declares (``teacher``).
+        spectrum_every_n_steps: every N optimiser steps (and at step 0 and the last step) log the effective
+            rank, RankMe, alignment and uniformity of the step's backbone / projector embeddings (rank 0's
+            local batch, no extra forward pass) and append their singular values to ``RUN_DIR/spectrum.jsonl``
+            (``selfsup.engine.spectrum``); 0 = off.
     """
 
     every_n_epochs: int = 1
@@ -111,6 +115,7 @@ class MonitorConfig:
     test_size: Optional[int] = None
     batch_size: int = 512
     which: str = "online"
+    spectrum_every_n_steps: int = 50
 
 
 @dataclass

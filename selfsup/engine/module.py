@@ -83,7 +83,9 @@ class SelfSupModule(L.LightningModule):
 
 
     # ------------------------------------------------------------------------------- training
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        """The loss, or ``{"loss", "embeddings"}`` when the method returned ``"embeddings"`` (detached, never
+        logged; :class:`~selfsup.engine.spectrum.SpectrumMonitor` reads them from the step output)."""
         images, labels, indices = batch
         step, micro = self.global_step, batch_idx % self.trainer.accumulate_grad_batches
         views = self.make_views(images, step, micro) if self.views_on_device else images
@@ -101,6 +103,7 @@ class SelfSupModule(L.LightningModule):
             out = self.method.training_loss(inp)
         except FloatingPointError as e:
             raise FloatingPointError(f"non-finite values at step {step}, epoch {self.current_epoch}: {e}; {hint}") from e
+        embeddings = out.pop("embeddings", None)  # spectrum seam: name -> detached tensors, never a logged scalar
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -110,6 +113,8 @@ class SelfSupModule(L.LightningModule):
             logs["train/lr"] = torch.tensor(group["lr"] / group.get("lr_mult", 1.0))
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=views.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=views.shape[0])
+        if embeddings:
+            return {"loss": loss, "embeddings": embeddings}
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -23,6 +23,7 @@ from selfsup.engine.callbacks import KNNMonitor
 from selfsup.engine.checkpoint import AtomicCheckpointIO, check_compatible, resolve_resume
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
 from selfsup.engine.module import SelfSupModule
+from selfsup.engine.spectrum import SPECTRUM_FILE, SpectrumMonitor
 from selfsup.methods.base import Method
 
 
@@ -121,7 +122,8 @@ def _logger(cfg: TrainerConfig):
     if cfg.logger == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(cfg.out_dir, name="logs", version="")
+        # Flushed at every logging step (default: every 100), so a killed run keeps its curves for `selfsup report`.
+        return CSVLogger(cfg.out_dir, name="logs", version="", flush_logs_every_n_steps=max(1, cfg.log_every_n_steps))
     if cfg.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -143,7 +145,8 @@ def pretrain(
 ) -> dict[str, Any]:
     """Pretrain ``method``; returns ``{"run_dir", "last_checkpoint", "knn": [...]}``.
 
-    The run directory gets ``config.yaml``-equivalent ``config.json``, ``checkpoints/`` and ``logs/``.
+    The run directory gets ``config.yaml``-equivalent ``config.json``, ``checkpoints/``, ``logs/`` and, with the
+    spectrum monitor on, ``spectrum.jsonl``.
     """
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")  # kNN is reduced already
@@ -188,6 +191,8 @@ def pretrain(
                          temperature=monitor.temperature, batch_size=monitor.batch_size,
                          num_workers=0 if data.in_memory else data.num_workers, which=monitor.which)
         callbacks.append(knn)
+    if monitor.spectrum_every_n_steps:
+        callbacks.append(SpectrumMonitor(monitor.spectrum_every_n_steps, out / SPECTRUM_FILE))
     if trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, trainer.log_every_n_steps // 4)))
     callbacks.extend(extra_callbacks)

@@ -1,4 +1,5 @@
-r"""Spectrum diagnostics of a batch of embeddings: singular values, effective rank, RankMe.
+r"""Spectrum diagnostics of a batch of embeddings: singular values, effective rank, RankMe,
+alignment and uniformity.
 
 For ``z`` of shape ``[N, D]`` let ``Ẑ`` be ``z`` with rows L2-normalised (optional)
 and then columns centred (optional), and ``s`` its ``min(N, D)`` singular values.
@@ -15,11 +16,19 @@ and then columns centred (optional), and ``s`` its ``min(N, D)`` singular values
   ``p_k = s_k / ||s||_1 + ε``, by default on the raw embeddings as in the paper
   (no normalisation, no centring); a collapsed batch gives ≈ 1.
 
+* :func:`alignment` and :func:`uniformity` (Wang & Isola 2020) are computed on the
+  L2-normalised rows ``ẑ``: alignment ``E ||ẑ_a − ẑ_b||^α`` over pairs of views of the
+  same image (0 = every view maps to the same point, 4 = antipodal for ``α = 2``);
+  uniformity ``log E_{i≠j} exp(−t ||ẑ_i − ẑ_j||²)`` over pairs of distinct images
+  (−4t for two antipodal points; lower = more uniform on the sphere, 0 = collapse).
+
 Pure functions without gradient, in float32 (float64 stays float64) with autocast
 off. Each returns a 0-d tensor on ``z``'s device (``.item()`` it for logging).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +36,7 @@ from torch import Tensor
 
 from selfsup.losses.mec import _compute_dtype, _validate_rows
 
-__all__ = ["singular_values", "effective_rank", "rankme"]
+__all__ = ["singular_values", "effective_rank", "rankme", "alignment", "uniformity"]
 
 _NORM_EPS = 1e-12
 
@@ -94,3 +103,47 @@ def rankme(z: Tensor, eps: float = 1e-7, center: bool = False, normalize: bool =
         s = torch.linalg.svdvals(x)
         p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny) + eps
         return _entropy_exp(p)
+
+
+@torch.no_grad()
+def alignment(views: Tensor, alpha: float = 2.0) -> Tensor:
+    r"""Alignment of views (Wang & Isola 2020): ``mean_{b, v<w} ||ẑ_{b,v} − ẑ_{b,w}||^α``.
+
+    Args:
+        views: ``[B, V, D]`` embeddings, sample-major (``views[b, v]`` is view ``v`` of image ``b``),
+            ``V >= 2``; each row is L2-normalised first.
+        alpha: exponent (2 in the paper).
+
+    Returns 0 when all views of an image coincide, 4 (``α = 2``) when two views are antipodal.
+    """
+    if views.dim() != 3 or views.shape[1] < 2:
+        raise ValueError(f"alignment needs views [B, V, D] with V >= 2, got shape {tuple(views.shape)}")
+    with torch.autocast(device_type=views.device.type, enabled=False):
+        _validate_rows(views.flatten(0, 1), "views", "alignment")
+        x = F.normalize(views.detach().to(_compute_dtype(views)), dim=2, eps=_NORM_EPS)
+        v = x.shape[1]
+        a, b = torch.triu_indices(v, v, offset=1, device=x.device)
+        d = (x[:, a] - x[:, b]).norm(dim=2)  # [B, pairs]
+        return d.pow(alpha).mean()
+
+
+@torch.no_grad()
+def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
+    r"""Uniformity (Wang & Isola 2020): ``log mean_{i≠j} exp(−t ||ẑ_i − ẑ_j||²)`` over rows of ``z``.
+
+    Args:
+        z: ``[N, D]`` embeddings of ``N >= 2`` distinct images; each row is L2-normalised first.
+        t: temperature (2 in the paper).
+
+    Two antipodal rows give ``−4t``; identical rows give 0 (collapse). Computed with
+    ``logsumexp`` so it never underflows.
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        _validate_rows(z, "z", "uniformity")
+        if z.shape[0] < 2:
+            raise ValueError(f"uniformity needs at least 2 rows, got shape {tuple(z.shape)}")
+        x = F.normalize(z.detach().to(_compute_dtype(z)), dim=1, eps=_NORM_EPS)
+        n = x.shape[0]
+        sq = (2.0 - 2.0 * (x @ x.T)).clamp_min(0.0)  # ||x_i - x_j||^2 of unit rows
+        off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+        return torch.logsumexp(-t * sq[off], dim=0) - math.log(n * (n - 1))

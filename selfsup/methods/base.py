@@ -131,6 +131,9 @@ class Method(nn.Module):
         return self.backbone(x)
 
     def training_loss(self, batch: Batch) -> dict[str, Tensor]:
+        """``{"loss": scalar, <name>: scalar to log, ...}``; optionally ``"embeddings"``: a dict ``name -> detached
+        tensor`` (``[B, V, D]`` sample-major, ``[B, D]``, or a tuple of per-view ``[B, D]``), e.g. ``{"backbone": h,
+        "projector": z}``, read by the spectrum monitor (:mod:`selfsup.engine.spectrum`) and never logged."""
         raise NotImplementedError
 
     def on_train_step_end(self, step: int, max_steps: int) -> None:

@@ -53,9 +53,11 @@ class BYOL(Method):
         if v != 2:
             raise ValueError(f"BYOL takes exactly 2 views per image, got {v}")
         x1, x2 = batch.views[:, 0], batch.views[:, 1]
-        p1 = self.predictor(self.projector(self.backbone(x1)))
-        p2 = self.predictor(self.projector(self.backbone(x2)))
+        h1, h2 = self.backbone(x1), self.backbone(x2)
+        y1, y2 = self.projector(h1), self.projector(h2)
+        p1, p2 = self.predictor(y1), self.predictor(y2)
         with torch.no_grad():
             z1, z2 = self.teacher(x1), self.teacher(x2)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        return {"loss": loss}
+        embeddings = {"backbone": (h1.detach(), h2.detach()), "projector": (y1.detach(), y2.detach())}
+        return {"loss": loss, "embeddings": embeddings}

@@ -48,7 +48,8 @@ class MEC(Method):
         pred_dim: hidden width of the predictor (seed ``--pred-dim`` 512).
         hidden_dim: hidden width of the projector (default: the backbone's feature width, as the seed).
         eps_sq: ε², the squared distortion bound (seed ``--eps`` 64).
-        order: Taylor order of log det (seed: 4, fixed).
+        order: Taylor order of log det (seed: 4, fixed); ``None`` uses the exact ``log |det(I + λ P̂Ẑᵀ)|``, which
+            unlike the truncated series is bounded below (see :mod:`selfsup.losses.mec`).
         warmup_epochs: epochs of the linear 8x -> 1x ``lamda_inv`` warm-up (seed: 10), applied per step.
         tau, final_tau: teacher EMA rate, half-cosine from ``tau`` to ``final_tau`` (seed: 0.996 -> 1).
         gather_distributed: compute the loss over the global batch under DDP (as the seed).
@@ -61,7 +62,7 @@ class MEC(Method):
         pred_dim: int = 512,
         hidden_dim: Optional[int] = None,
         eps_sq: float = 64.0,
-        order: int = 4,
+        order: Optional[int] = 4,
         warmup_epochs: float = 10.0,
         tau: float = 0.996,
         final_tau: float = 1.0,
@@ -75,7 +76,7 @@ class MEC(Method):
         self.predictor = MLP([dim, pred_dim, dim], last_bias=True)
         if eps_sq <= 0 or warmup_epochs < 0:
             raise ValueError(f"eps_sq must be > 0 and warmup_epochs >= 0, got {eps_sq}, {warmup_epochs}")
-        self.dim, self.eps_sq, self.order = int(dim), float(eps_sq), int(order)
+        self.dim, self.eps_sq, self.order = int(dim), float(eps_sq), (None if order is None else int(order))
         self.warmup_epochs = float(warmup_epochs)
         self.gather_distributed = gather_distributed
         teacher = EMATeacher(tau, final_tau=final_tau, backbone=self.backbone, projector=self.projector)
@@ -91,9 +92,9 @@ class MEC(Method):
         if v != 2:
             raise ValueError(f"MEC takes exactly 2 views per image, got {v}")
         x1, x2 = batch.views[:, 0], batch.views[:, 1]
-        h1 = self.backbone(x1)  # two separate passes: BatchNorm statistics per view, as the seed
-        z1 = self.predictor(self.projector(h1))
-        z2 = self.predictor(self.projector(self.backbone(x2)))
+        h1, h2 = self.backbone(x1), self.backbone(x2)  # two separate passes: BatchNorm statistics per view, as the seed
+        y1, y2 = self.projector(h1), self.projector(h2)
+        z1, z2 = self.predictor(y1), self.predictor(y2)
         with torch.no_grad():
             p1, p2 = self.teacher(x1), self.teacher(x2)
         gather = distributed.gather if self.gather_distributed else (lambda t: t)
@@ -104,4 +105,5 @@ class MEC(Method):
         with torch.no_grad():
             erank = effective_rank(h1.detach().float())
         logs = {k: torch.as_tensor(val).detach().float() for k, val in parts.items()}
-        return {"loss": loss, **logs, "effective_rank": torch.as_tensor(erank).float()}
+        embeddings = {"backbone": (h1.detach(), h2.detach()), "projector": (y1.detach(), y2.detach())}
+        return {"loss": loss, **logs, "effective_rank": torch.as_tensor(erank).float(), "embeddings": embeddings}

@@ -55,7 +55,8 @@ class MMCR(Method):
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         b, v = check_views(batch.views, min_views=2)  # one view per image has no manifold to compress
         x = batch.views.flatten(0, 1)  # sample-major: row b*V + v is view v of image b
-        z = self.projector(self.backbone(x)).view(b, v, -1)
+        h = self.backbone(x)
+        z = self.projector(h).view(b, v, -1)
         gather = distributed.gather if self.gather_distributed else (lambda t: t)
         if not self.teacher_names:
             loss, parts = mmcr_loss(gather(z), self.lmbda, return_parts=True)
@@ -63,4 +64,5 @@ class MMCR(Method):
             with torch.no_grad():
                 z_ema = self.teacher(x).view(b, v, -1)
             loss, parts = mmcr_momentum_loss(gather(z), gather(z_ema), self.lmbda, return_parts=True)
-        return {"loss": loss, **parts}
+        embeddings = {"backbone": h.detach().reshape(b, v, -1), "projector": z.detach()}  # local rows, for the monitor
+        return {"loss": loss, **parts, "embeddings": embeddings}

@@ -53,7 +53,8 @@ class SimCLR(Method):
         b, v = check_views(batch.views, min_views=2)
         if v != 2:
             raise ValueError(f"SimCLR takes exactly 2 views per image, got {v}")
-        z = self.projector(self.backbone(batch.views.flatten(0, 1))).view(b, 2, -1)  # sample-major rows
+        h = self.backbone(batch.views.flatten(0, 1))
+        z = self.projector(h).view(b, 2, -1)  # sample-major rows
         gather = distributed.gather if self.gather_distributed else (lambda t: t)
         loss = info_nce_loss(gather(z[:, 0]), gather(z[:, 1]), temperature=self.temperature)
-        return {"loss": loss}
+        return {"loss": loss, "embeddings": {"backbone": h.detach().reshape(b, 2, -1), "projector": z.detach()}}
