@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from selfsup.data.datasets import demo_dataset_path
 
@@ -72,3 +73,12 @@ def test_members(zip_path: Path, cls: str, n: int) -> list[str]:
 
 
 test_members.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast and does not spin against the other processes of a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from selfsup.cli import main, run_report
@@ -37,13 +36,7 @@ FINISHED_PNGS = {"loss-loss.png", "loss-global_nuc.png", "loss-local_nuc.png", "
                  "effective_rank.png", "alignment_uniformity.png"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin against the other processes of a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

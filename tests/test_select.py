@@ -25,13 +25,7 @@ RUN_ARGS = [
 SELECT = ["--data.num_workers", "0", "--data.in_memory", "true", "--k", "20"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin against the other processes of a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ TINY_BACKBONE = {"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 8}}
 B, D = 20, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin against the other processes of a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 def signed_directions(r: int, n: int = B, d: int = D) -> torch.Tensor:
