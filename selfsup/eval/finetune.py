@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from selfsup.engine.optim import build_optimizer, build_scheduler, no_weight_decay_ids, scaled_lr
 from selfsup.eval.features import _autocast, check_labels, eval_mode, split_batch
 from selfsup.eval.knn import topk_accuracy
-from selfsup.eval.linear import _dataset_labels, split_train_val
+from selfsup.eval.linear import dataset_selection_split
 from selfsup.eval.pool import POOLS, current_pool, is_vit, set_global_pool
 
 __all__ = [
@@ -465,15 +465,9 @@ def finetune(
     cfg = FinetuneConfig() if cfg is None else cfg
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     device = torch.device(device)
-    labels = check_labels(_dataset_labels(train_dataset, train_labels), num_classes, "train labels")
-    if labels.numel() != len(train_dataset):  # type: ignore[arg-type]
-        raise ValueError("train labels and train_dataset differ in length")
-    tr_idx, va_idx = split_train_val(labels, cfg.val_fraction, cfg.seed)
+    labels, tr_idx, va_idx = dataset_selection_split(train_dataset, train_labels, val_dataset, num_classes,
+                                                     cfg.val_fraction, cfg.seed)
     has_val = va_idx.numel() > 0
-    if has_val and val_dataset is None:
-        raise ValueError("val_fraction > 0 needs val_dataset (the train images with the eval transform)")
-    if val_dataset is not None and len(val_dataset) != len(train_dataset):  # type: ignore[arg-type]
-        raise ValueError("val_dataset must hold the same images as train_dataset")
     steps_per_epoch = tr_idx.numel() // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training part of the train split has {tr_idx.numel()} images, fewer than one batch "

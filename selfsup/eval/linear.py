@@ -556,6 +556,23 @@ def _dataset_labels(dataset: Dataset, labels: Sequence[int] | Tensor | None) -> 
     return torch.as_tensor(targets, dtype=torch.long).reshape(-1)
 
 
+def dataset_selection_split(train_dataset: Dataset, train_labels: Sequence[int] | Tensor | None,
+                            val_dataset: Dataset | None, num_classes: int, val_fraction: float,
+                            seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(labels, train_idx, val_idx)``: the checked train labels and the stratified held-out split used to select
+    on (never the test split). ``val_dataset`` holds the same images as ``train_dataset`` with the eval transform and
+    is required whenever the split holds images out."""
+    labels = check_labels(_dataset_labels(train_dataset, train_labels), num_classes, "train labels")
+    if labels.numel() != len(train_dataset):  # type: ignore[arg-type]
+        raise ValueError("train labels and train_dataset differ in length")
+    tr_idx, va_idx = split_train_val(labels, val_fraction, seed)
+    if va_idx.numel() > 0 and val_dataset is None:
+        raise ValueError("val_fraction > 0 needs val_dataset (train images with the eval transform)")
+    if val_dataset is not None and len(val_dataset) != len(train_dataset):  # type: ignore[arg-type]
+        raise ValueError("val_dataset must hold the same images as train_dataset")
+    return labels, tr_idx, va_idx
+
+
 def linear_probe_augmented(
     backbone: nn.Module,
     train_dataset: Dataset,
@@ -604,15 +621,9 @@ def linear_probe_augmented(
     if cfg.refit_on_full_train:
         raise ValueError("refit_on_full_train is only supported by linear_probe_cached")
     device = torch.device(device)
-    labels = check_labels(_dataset_labels(train_dataset, train_labels), num_classes, "train labels")
-    if labels.numel() != len(train_dataset):  # type: ignore[arg-type]
-        raise ValueError("train labels and train_dataset differ in length")
-    tr_idx, va_idx = split_train_val(labels, cfg.val_fraction, cfg.seed)
+    labels, tr_idx, va_idx = dataset_selection_split(train_dataset, train_labels, val_dataset, num_classes,
+                                                     cfg.val_fraction, cfg.seed)
     has_val = va_idx.numel() > 0
-    if has_val and val_dataset is None:
-        raise ValueError("val_fraction > 0 needs val_dataset (train images with the eval transform)")
-    if val_dataset is not None and len(val_dataset) != len(train_dataset):  # type: ignore[arg-type]
-        raise ValueError("val_dataset must hold the same images as train_dataset")
 
     def loader(ds: Dataset, **kw: Any) -> DataLoader:
         return DataLoader(ds, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, **kw)
