@@ -143,16 +143,18 @@ def _export_parser() -> ArgumentParser:
 
 
 def _reconstruct_parser() -> ArgumentParser:
-    p = ArgumentParser(description="PNG grid of an MAE / CAN checkpoint's reconstructions: one test image per row, "
+    p = ArgumentParser(description="PNG grid of an MAE / CAN / IMLE checkpoint's reconstructions: one test image per row, "
                                    "columns original, masked, reconstruction.", exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--checkpoint", type=str, required=True, help="a selfsup .ckpt of MAE or CAN")
+    p.add_argument("--checkpoint", type=str, required=True, help="a selfsup .ckpt of MAE, CAN or IMLE")
     p.add_class_arguments(EvalData, "data")
     p.add_argument("--output", type=str, default="reconstruction.png", help="the PNG to write (not overwritten)")
     p.add_argument("--num_images", type=int, default=8, help="the first N images of --data.test_split")
     p.add_argument("--mask_ratio", type=Optional[float], default=None, help="default: the method's")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour magnification of every panel")
+    p.add_argument("--codes", type=int, default=1,
+                   help="IMLE: one reconstruction column per random latent code (same image, same mask)")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, or auto")
     return p
 
@@ -384,7 +386,7 @@ def run_reconstruct(argv: list[str]) -> dict:
 
     with reading_checkpoint(cfg.checkpoint):
         result = reconstruct(cfg.checkpoint, cfg.output, data, num_images=cfg.num_images, mask_ratio=cfg.mask_ratio,
-                             seed=cfg.seed, upscale=cfg.upscale, device=device)
+                             seed=cfg.seed, upscale=cfg.upscale, device=device, codes=cfg.codes)
     print(json.dumps(result, indent=2))
     return result
 

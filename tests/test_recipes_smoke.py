@@ -30,6 +30,12 @@ CPU_SMALL = {
     "can-cpu-small": ("CAN", ["--method.init_args.backbone", TINY_VIT,
                               "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}",
                               "--method.init_args.proj_dim", "16"]),
+    **{r: ("IMLE", ["--method.init_args.backbone", TINY_VIT,
+                    "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}",
+                    "--method.init_args.latent", "{inject: [[0, adain]], code_dim: 8, mapping: {depth: 2, hidden: 16}}",
+                    "--method.init_args.examples_per_epoch", "48", "--method.init_args.num_codes", "4",
+                    "--method.init_args.codes_per_round", "2", "--monitor.recon_every_n_epochs", "0"])
+       for r in ("imle-cpu-small", "imle-cpu-small-mae-arm")},
 }
 
 #: method -> the recipes expected to exist for it
@@ -39,8 +45,10 @@ RECIPES = {
     "BYOL": ["byol-cifar10", "byol-cifar100", "byol-cpu-small"],
     "MAE": ["mae-imagenet", "mae-cifar10", "mae-cpu-small"],
     "CAN": ["can-imagenet", "can-cifar10", "can-cpu-small"],
+    "IMLE": ["imle-imagenet", "imle-imagenet-mae-arm", "imle-cifar10", "imle-cifar10-mae-arm", "imle-cpu-small",
+             "imle-cpu-small-mae-arm"],
 }
-VIEWS = {"MAE": 1}  #: views per image where not 2
+VIEWS = {"MAE": 1, "IMLE": 1}  #: views per image where not 2
 
 
 @pytest.mark.parametrize("recipe", list(CPU_SMALL))

@@ -231,9 +231,21 @@ class DataSource:
             # loader applies the geometry to the full image and yields stackable crops.
             geometry = None if self.in_memory else MultiViewTransform(
                 [crop_flip_transform(a, resize=c.image_size) for a in pipelines], c.views)
-            return _subset(self.images(c.train_split, geometry), c.subset, seed), BatchedViews(pipelines, c.views)
+            return (_subset(self._nway_nshot(self.images(c.train_split, geometry)), c.subset, seed),
+                    BatchedViews(pipelines, c.views))
         multi = MultiViewTransform([per_image_transform(a) for a in pipelines], c.views)
-        return _subset(self.images(c.train_split, multi), c.subset, seed), None
+        return _subset(self._nway_nshot(self.images(c.train_split, multi)), c.subset, seed), None
+
+    def _nway_nshot(self, ds: Dataset, all_shots: bool = False) -> Dataset:
+        """``cfg.n_way`` classes x ``cfg.n_shot`` images of ``ds`` (``all_shots``: every image of those classes)."""
+        c = self.cfg
+        if c.n_way is None and c.n_shot is None:
+            return ds
+        from selfsup.data.subsets import nway_nshot_subset
+
+        return nway_nshot_subset(ds, -1 if c.n_way is None else c.n_way,
+                                 -1 if (c.n_shot is None or all_shots) else c.n_shot, classes=c.class_pick,
+                                 seed=c.subset_seed)
 
     def eval_split(self, split: str, limit: Optional[int] = None,
                    augment: Optional[AugmentLike] = None) -> Dataset:
@@ -243,7 +255,10 @@ class DataSource:
         ``limit`` keeps a fixed, seeded random subset of that many images (for quick monitors).
         """
         aug = self.resolve_augment(augment)
-        return _subset(self.images(split, eval_transform(aug), tensor_transform=TensorNormalize(aug)), limit, seed=1234)
+        ds = self.images(split, eval_transform(aug), tensor_transform=TensorNormalize(aug))
+        if self.cfg.n_way is not None and self.cfg.n_way != -1:  # the pretraining classes, all their images
+            ds = self._nway_nshot(ds, all_shots=True)
+        return _subset(ds, limit, seed=1234)
 
     def augmented_split(self, split: str, augment: Optional[AugmentLike] = None) -> Dataset:
         """One augmented view per image of ``split`` (``per_image_transform`` of ``augment``, default the

@@ -36,6 +36,12 @@ class DataConfig:
         num_workers: loader worker processes.
         skip_corrupt: drop undecodable images (reported) instead of failing.
         subset: use only the first N images of the (shuffled, fixed-seed) train split.
+        n_way, n_shot: pretrain on ``n_way`` classes x ``n_shot`` images each (IMLE-SSL's 32-way x 64-shot ImageNet
+            subset; ``-1`` or unset = all). With ``n_way``, the kNN monitor's bank and test splits and the
+            evaluations that read this config keep the same classes (all their images).
+        class_pick: how the ``n_way`` classes are chosen: ``even`` (evenly spaced in sorted order, IMLE-R) or
+            ``random`` (a seeded sample, IMLE-H); see :mod:`selfsup.data.subsets`.
+        subset_seed: seed of the class sample and of the shots.
     """
 
     dataset: str = "cifar10"
@@ -55,6 +61,10 @@ class DataConfig:
     num_workers: int = 4
     skip_corrupt: bool = False
     subset: Optional[int] = None
+    n_way: Optional[int] = None
+    n_shot: Optional[int] = None
+    class_pick: Literal["even", "random"] = "even"
+    subset_seed: int = 0
 
 
 @dataclass
@@ -106,6 +116,12 @@ class MonitorConfig:
             rank, RankMe, alignment and uniformity of the step's backbone / projector embeddings (rank 0's
             local batch, no extra forward pass) and append their singular values to ``RUN_DIR/spectrum.jsonl``
             (``selfsup.engine.spectrum``); 0 = off.
+        recon_every_n_epochs: masked-image models (MAE, CAN, IMLE): every N epochs the held-out reconstruction loss
+            of ``recon_examples`` test-split images (IMLE: averaged over ``recon_codes`` random codes per image), and
+            before training the baseline with codes ignored (``selfsup.engine.recon_monitor``); 0 = off.
+        fewshot_every_n_epochs: every N epochs the few-shot accuracy of the backbone (support: the bank split,
+            queries: the test split; IMLE-SSL's fast probe), configured by ``fewshot`` (fields of
+            :class:`selfsup.eval.fewshot.FewShotConfig`); 0 = off.
     """
 
     every_n_epochs: int = 1
@@ -116,6 +132,11 @@ class MonitorConfig:
     batch_size: int = 512
     which: str = "online"
     spectrum_every_n_steps: int = 50
+    recon_every_n_epochs: int = 0
+    recon_examples: int = 2048
+    recon_codes: int = 128
+    fewshot_every_n_epochs: int = 0
+    fewshot: Optional[dict] = None
 
 
 @dataclass

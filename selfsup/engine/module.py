@@ -23,10 +23,13 @@ from selfsup.data.keyed import key_seed
 from selfsup.engine.checkpoint import CHECKPOINT_KEY, FORMAT, check_compatible, upgrade_checkpoint
 from selfsup.engine.config import OptimConfig
 from selfsup.engine.optim import build_optimizer, build_scheduler, method_param_groups, scaled_lr
-from selfsup.methods.base import Batch, Method
+from selfsup.methods.base import Batch, EpochExamples, Method
 
 # Independent random streams of one (step, rank, micro-batch).
 STREAM_VIEWS, STREAM_METHOD = 0, 1
+# Micro-batch keys of a planned epoch's one-off draws (its fixed views, chunk c at EPOCH_MICRO + c; the method's).
+EPOCH_MICRO = 1 << 20
+RANK_STATE_KEY = "selfsup_rank_state"
 
 
 class SelfSupModule(L.LightningModule):
@@ -63,6 +66,8 @@ class SelfSupModule(L.LightningModule):
         self.seed = seed
         self.channels_last = channels_last
         self.meta = dict(meta or {})
+        self._epoch_cache: Optional[dict[str, Any]] = None  # a planned epoch's views and index -> row map
+        self._pending_rank_state: Optional[dict] = None  # from a checkpoint, for the resumed epoch
 
     # ------------------------------------------------------------------------------ randomness
     def generator(self, stream: int, step: int, micro: int = 0, device: Optional[torch.device] = None) -> torch.Generator:
@@ -81,6 +86,60 @@ class SelfSupModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.method.bind_view_maker(self.make_views if self.view_maker is not None else None)
 
+    # ------------------------------------------------------------------------------ planned epochs
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Not on_train_epoch_start: Lightning skips that hook when a run resumes in the middle of an epoch.
+        if self._planned and (self._epoch_cache is None or self._epoch_cache["epoch"] != self.current_epoch):
+            self.prepare_planned_epoch()
+
+    @property
+    def _planned(self) -> bool:
+        return self.method.epoch_plan() is not None
+
+    def prepare_planned_epoch(self) -> None:
+        """A planned epoch (``method.epoch_plan()``): load this rank's examples, make their views once (keyed on the
+        epoch's first step, so a resumed run makes the same ones), and let the method prepare the epoch."""
+        import time
+
+        dm, epoch = self.trainer.datamodule, self.current_epoch
+        first = epoch * self._steps_per_epoch()
+        t0 = time.perf_counter()
+        indices = dm.epoch_examples(epoch)
+        items, labels = dm.load_examples(indices, epoch)
+        items = items.to(self.device, non_blocking=True)
+        if self.views_on_device:
+            bs = int(self.meta.get("batch_size", 256))
+            views = torch.cat([self.make_views(items[c: c + bs], first, EPOCH_MICRO + j)
+                               for j, c in enumerate(range(0, items.shape[0], bs))])
+        else:
+            views = items
+        if views.dim() == 4:  # one view per example
+            views = views[:, None]
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        self._epoch_cache = {"epoch": epoch, "views": views, "rows": {int(i): r for r, i in enumerate(indices)}}
+        pending, self._pending_rank_state = self._pending_rank_state, None
+        if pending is not None and int(pending.get("epoch", -1)) == epoch:
+            self.method.load_rank_state(pending)
+        t1 = time.perf_counter()
+        logs = self.method.prepare_epoch(EpochExamples(
+            views=views, labels=labels, indices=idx.to(self.device), epoch=epoch, step=first,
+            generator=self.generator(STREAM_METHOD, first, EPOCH_MICRO, self.device)))
+        logs = {f"epoch/{k}": torch.tensor(float(v)) for k, v in (logs or {}).items()}
+        logs["epoch/views_s"] = torch.tensor(t1 - t0)
+        logs["epoch/prepare_s"] = torch.tensor(time.perf_counter() - t1)
+        # Epoch-level values, logged with the epoch's last step and averaged over ranks (each searched its own share).
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(indices))
+
+    def _cached_views(self, indices: Tensor) -> Tensor:
+        cache = self._epoch_cache
+        if cache is None or cache["epoch"] != self.current_epoch:
+            raise RuntimeError("a planned epoch's step ran before its examples were prepared (on_train_batch_start)")
+        try:
+            rows = torch.tensor([cache["rows"][int(i)] for i in indices.tolist()], device=cache["views"].device)
+        except KeyError as e:
+            raise RuntimeError(f"example {e} is not one of epoch {self.current_epoch}'s examples") from None
+        return cache["views"][rows]
+
 
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -88,7 +147,10 @@ class SelfSupModule(L.LightningModule):
         logged; :class:`~selfsup.engine.spectrum.SpectrumMonitor` reads them from the step output)."""
         images, labels, indices = batch
         step, micro = self.global_step, batch_idx % self.trainer.accumulate_grad_batches
-        views = self.make_views(images, step, micro) if self.views_on_device else images
+        if self._planned:  # a planned epoch: the loader gave indices, the views are cached
+            views = self._cached_views(torch.as_tensor(indices))
+        else:
+            views = self.make_views(images, step, micro) if self.views_on_device else images
         if self.channels_last:
             b, v = views.shape[:2]
             views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
@@ -161,6 +223,15 @@ class SelfSupModule(L.LightningModule):
                 "backbones": backbones, "num_features": int(self.method.num_features)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = self.method.rank_state()
+        if state is not None:  # every rank's (this hook runs on all of them; rank 0 writes the file)
+            state = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                states = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(states, state)
+            else:
+                states = [state]
+            checkpoint[RANK_STATE_KEY] = states
         np_state = np.random.get_state()
         checkpoint[CHECKPOINT_KEY] = {
             **_jsonable(self.meta),
@@ -177,6 +248,15 @@ class SelfSupModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_checkpoint(checkpoint)  # format 1 -> current, in place (keys of the teacher, backbone spec)
         check_compatible(checkpoint[CHECKPOINT_KEY], self.checkpoint_meta())
+        states = checkpoint.get(RANK_STATE_KEY)
+        if states:
+            if len(states) == self.trainer.world_size:
+                self._pending_rank_state = states[self.global_rank]
+            else:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"the checkpoint holds the epoch state of {len(states)} process(es), this run has "
+                               f"{self.trainer.world_size}: a resumed epoch is prepared again from scratch")
         rng = checkpoint[CHECKPOINT_KEY].get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from selfsup.data.batched import BatchedViews
 from selfsup.data.build import build_eval_dataset, build_train_views, num_classes, train_pipelines
 from selfsup.data.keyed import KeyedDataset, PerImageViews
+from selfsup.data.rounds import EpochPlan, IndexOnly, RoundSampler, rank_examples, steps_per_epoch
 from selfsup.data.sampler import ShardedEpochSampler
 from selfsup.data.transforms import MultiViewTransform
 from selfsup.engine.callbacks import KNNMonitor
@@ -25,6 +26,7 @@ from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, Traine
 from selfsup.engine.module import SelfSupModule
 from selfsup.engine.spectrum import SPECTRUM_FILE, SpectrumMonitor
 from selfsup.methods.base import Method
+from selfsup.precision import native_bf16
 
 
 class SelfSupData(L.LightningDataModule):
@@ -32,14 +34,37 @@ class SelfSupData(L.LightningDataModule):
     rank, full batches, per-sample augmentation keyed on (seed, epoch, index), and a mid-epoch resume that
     starts after the batches the checkpoint had already consumed."""
 
-    def __init__(self, cfg: DataConfig, seed: int, dataset=None):
+    def __init__(self, cfg: DataConfig, seed: int, dataset=None, plan: Optional[EpochPlan] = None):
         super().__init__()
-        self.cfg, self.seed, self.dataset = cfg, seed, dataset
+        self.cfg, self.seed, self.dataset, self.plan = cfg, seed, dataset, plan
         self._resume: tuple[int, int] = (0, 0)  # (epoch, batches of it already trained), from a checkpoint
 
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
     def _batches_per_epoch(self) -> int:
-        world = self.trainer.world_size if self.trainer else 1
+        world = self._world()[1]
+        if self.plan is not None:
+            return steps_per_epoch(self.plan, self.cfg.batch_size, world)
         return (len(self.dataset) // world) // self.cfg.batch_size
+
+    def epoch_examples(self, epoch: int) -> list[int]:
+        """A planned epoch (:class:`~selfsup.data.rounds.EpochPlan`): this rank's example indices, in order."""
+        rank, world = self._world()
+        return rank_examples(len(self.dataset), self.plan, epoch, self.seed, rank, world)
+
+    def load_examples(self, indices: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(samples stacked [E, ...], labels [E])`` of ``indices``, exactly as the training loader of ``epoch``
+        would give them (per-image views keyed on (seed, epoch, index); uint8 images in batched mode)."""
+        keyed = KeyedDataset(self.dataset, self.seed)
+        workers = self.cfg.num_workers if len(indices) > 4 * self.cfg.batch_size else 0
+        loader = DataLoader(keyed, batch_size=self.cfg.batch_size, sampler=[(epoch, i) for i in indices],
+                            num_workers=workers)
+        items, labels = [], []
+        for x, y, _ in loader:
+            items.append(x)
+            labels.append(torch.as_tensor(y))
+        return torch.cat(items), torch.cat(labels)
 
     def state_dict(self) -> dict:
         """Where the data stream stands: the epoch and how many of its batches were trained on.
@@ -69,6 +94,10 @@ class SelfSupData(L.LightningDataModule):
             )
         epoch, consumed = self._resume
         skip = consumed * self.cfg.batch_size
+        if self.plan is not None:  # views come from the engine's epoch cache: the loader yields indices only
+            sampler = RoundSampler(n, self.plan, self.cfg.batch_size, seed=self.seed, rank=rank, world_size=world,
+                                   epoch=epoch, start=lambda e: skip if e == epoch else 0)
+            return DataLoader(IndexOnly(n), batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True)
         sampler = ShardedEpochSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world, keyed=True,
                                       epoch=epoch, start=lambda e: skip if e == epoch else 0)
         workers = self.cfg.num_workers
@@ -97,13 +126,7 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     """``auto`` -> ``bf16-mixed`` when the device has native bf16 compute, else ``32-true``."""
     if precision != "auto":
         return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16-mixed" if native else "32-true"
+    return "bf16-mixed" if native_bf16(accelerator) else "32-true"
 
 
 def _check_resumable(ckpt_path: str, module: SelfSupModule) -> None:
@@ -191,6 +214,29 @@ def pretrain(
                          temperature=monitor.temperature, batch_size=monitor.batch_size,
                          num_workers=0 if data.in_memory else data.num_workers, which=monitor.which)
         callbacks.append(knn)
+    if monitor.recon_every_n_epochs:
+        if not hasattr(method, "heldout_loss"):
+            raise ValueError(f"monitor.recon_every_n_epochs: {type(method).__name__} is not a masked-image model "
+                             "(MAE, CAN, IMLE); set it to 0")
+        from selfsup.engine.recon_monitor import ReconstructionMonitor
+
+        held_out = build_eval_dataset(data, data.test_split, limit=monitor.recon_examples)
+        callbacks.append(ReconstructionMonitor(held_out, monitor.recon_every_n_epochs, monitor.recon_codes,
+                                               seed=trainer.seed))
+    if monitor.fewshot_every_n_epochs:
+        from selfsup.engine.fewshot_callback import FewShotMonitor
+        from selfsup.eval.fewshot import FewShotConfig
+
+        fs = FewShotConfig(**(monitor.fewshot or {}))  # an unknown field is a TypeError naming it
+        support = build_eval_dataset(data, data.bank_split)
+        query = support if data.test_split == data.bank_split else build_eval_dataset(data, data.test_split)
+        augmented = None
+        if fs.augs_per_image > 0:
+            from selfsup.data.build import train_augmented_dataset
+
+            augmented = train_augmented_dataset(data, data.bank_split)
+        callbacks.append(FewShotMonitor(support, query, fs, monitor.fewshot_every_n_epochs, augmented,
+                                        num_workers=0 if data.in_memory else data.num_workers, which=monitor.which))
     if monitor.spectrum_every_n_steps:
         callbacks.append(SpectrumMonitor(monitor.spectrum_every_n_steps, out / SPECTRUM_FILE))
     if trainer.progress_bar:
@@ -225,7 +271,11 @@ def pretrain(
         (out / name).write_text(json.dumps(config or {
             "data": asdict(data), "optim": asdict(optim), "trainer": asdict(trainer), "monitor": asdict(monitor)},
             indent=2, default=str))
-    pl_trainer.fit(module, datamodule=SelfSupData(data, trainer.seed, train_ds), ckpt_path=ckpt_path)
+    plan = method.epoch_plan()
+    if plan is not None and trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"{type(method).__name__} trains in planned epochs (a fixed example set per epoch); "
+                         "trainer.accumulate_grad_batches must be 1")
+    pl_trainer.fit(module, datamodule=SelfSupData(data, trainer.seed, train_ds, plan), ckpt_path=ckpt_path)
     last = out / "checkpoints" / "last.ckpt"
     return {"run_dir": str(out), "last_checkpoint": str(last) if last.exists() else None,
             "knn": knn.history if knn else [], "module": module}

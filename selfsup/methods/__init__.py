@@ -3,9 +3,10 @@
 from selfsup.methods.base import Batch, EMATeacher, Method
 from selfsup.methods.byol import BYOL
 from selfsup.methods.can import CAN
+from selfsup.methods.imle import IMLE
 from selfsup.methods.mae import MAE
 from selfsup.methods.mec import MEC
 from selfsup.methods.mmcr import MMCR
 from selfsup.methods.simclr import SimCLR
 
-__all__ = ["BYOL", "Batch", "CAN", "EMATeacher", "MAE", "MEC", "MMCR", "Method", "SimCLR"]
+__all__ = ["BYOL", "Batch", "CAN", "EMATeacher", "IMLE", "MAE", "MEC", "MMCR", "Method", "SimCLR"]

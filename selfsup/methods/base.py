@@ -10,7 +10,11 @@ A method is an ``nn.Module`` with these duties:
   (seed, step, rank, micro-batch) so that a resumed run draws the same numbers;
 * ``on_train_step_end(step, max_steps)``: after each optimiser step; by default every declared teacher
   takes its EMA step;
-* optionally ``param_groups()``: parameter groups with their own ``lr_mult`` / ``weight_decay``.
+* optionally ``param_groups()``: parameter groups with their own ``lr_mult`` / ``weight_decay``;
+* optionally ``epoch_plan()``: a fixed example set per epoch (:class:`~selfsup.data.rounds.EpochPlan`). The
+  engine then makes each example's views once per epoch, hands them to ``prepare_epoch`` before the epoch's
+  first step (IMLE-SSL searches its latent codes there), and feeds the epoch's steps from that cache;
+  ``rank_state`` / ``load_rank_state`` carry per-rank epoch state (the codes) through a mid-epoch checkpoint.
 
 Methods never touch optimisers, loaders or the trainer: the engine does.
 """
@@ -28,7 +32,7 @@ from torch import Tensor
 
 from selfsup.models import BackboneSpec, backbone_spec, build_backbone
 
-__all__ = ["Batch", "Method", "EMATeacher", "check_views", "cosine_tau"]
+__all__ = ["Batch", "EpochExamples", "Method", "EMATeacher", "check_views", "cosine_tau"]
 
 
 @dataclass
@@ -59,6 +63,28 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.views.shape[0])
+
+
+@dataclass
+class EpochExamples:
+    """A planned epoch's examples on this rank, as the engine hands them to :meth:`Method.prepare_epoch`.
+
+    Attributes:
+        views: ``[E, V, C, H, W]`` one fixed set of views per example for the whole epoch.
+        labels: ``[E]`` dataset labels (``-1`` where unknown; never used by self-supervised losses).
+        indices: ``[E]`` dataset indices; training batches name their examples by them (``Batch.indices``).
+        epoch: the epoch (0-based).
+        step: the optimiser step the epoch starts at.
+        generator: the method's random stream for the epoch (masks, codes), keyed on (seed, epoch start, rank):
+            the same numbers when a resumed run prepares the epoch again.
+    """
+
+    views: Tensor
+    labels: Tensor
+    indices: Tensor
+    epoch: int
+    step: int
+    generator: torch.Generator
 
 
 class EMATeacher(nn.Module):
@@ -149,6 +175,24 @@ class Method(nn.Module):
         1-D parameters and whatever a module's ``no_weight_decay()`` names get no weight decay.
         """
         return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad]}]
+
+    # ------------------------------------------------------------------------------ planned epochs
+    def epoch_plan(self):
+        """``None`` (default: every epoch is a pass over the dataset) or an
+        :class:`~selfsup.data.rounds.EpochPlan` (a fixed example set per epoch, see :meth:`prepare_epoch`)."""
+        return None
+
+    def prepare_epoch(self, examples: EpochExamples) -> dict[str, float]:
+        """Before a planned epoch's first step (and again when a run resumes inside it): per-epoch work on the
+        epoch's examples. Returns scalars to log."""
+        return {}
+
+    def rank_state(self) -> Optional[dict[str, Tensor]]:
+        """This rank's per-epoch state to carry through a checkpoint (tensors; ``None``: nothing)."""
+        return None
+
+    def load_rank_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`rank_state` returned (before :meth:`prepare_epoch` of the resumed epoch)."""
 
     # --------------------------------------------------------------------------------- teachers
     def add_teacher(self, name: str, teacher: EMATeacher) -> EMATeacher:

@@ -116,6 +116,7 @@ class CAN(MAE):
         pool_cls: the contrastive pool averages every encoder token including cls (public code) instead of the
             kept patch tokens only (paper).
         gather_distributed: InfoNCE negatives from every rank (the public code used per-GPU negatives).
+        init_from: start the encoder and decoder from pretrained MAE weights (see :class:`~selfsup.methods.mae.MAE`).
     """
 
     def __init__(
@@ -133,6 +134,7 @@ class CAN(MAE):
         proj_dim: int = 128,
         pool_cls: bool = False,
         gather_distributed: bool = True,
+        init_from: Optional[str] = None,
     ):
         super().__init__(backbone, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, decoder=decoder,
                          mae_init=mae_init)
@@ -152,6 +154,8 @@ class CAN(MAE):
         self.noise_mlp = nn.Sequential(nn.Linear(self.noise.embed_dim, d), nn.ReLU(inplace=True), nn.Linear(d, d))
         mae_init_(self.projector)
         mae_init_(self.noise_mlp)
+        if init_from:
+            self.load_mae(init_from)
 
     # ---------------------------------------------------------------------------------- randomness
     def draw(self, n: int, image_shape: tuple[int, ...], generator: torch.Generator) -> CANDraw:

@@ -91,6 +91,9 @@ class MAE(Method):
             16 heads).
         mae_init: re-initialise the encoder the MAE way (Xavier-uniform linears and patch conv, tokens
             N(0, 0.02²)); ``false`` keeps timm's initialisation.
+        init_from: start from pretrained MAE weights (encoder and decoder): one of our MAE / CAN / IMLE checkpoints,
+            or the official MAE release's full checkpoint with decoder (``mae_pretrain_vit_base_full.pth``; keys
+            converted, see :func:`selfsup.models.mae_weights.load_mae_weights`). Other modules keep their init.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class MAE(Method):
         norm_pix_loss: bool = True,
         decoder: Optional[DecoderConfig] = None,
         mae_init: bool = True,
+        init_from: Optional[str] = None,
     ):
         super().__init__(backbone if backbone is not None else {"name": "vit_base"})
         vit = self.backbone
@@ -120,6 +124,19 @@ class MAE(Method):
         self.num_patches = int(vit.patch_embed.num_patches)
         self.decoder = MAEDecoder(self.num_features, self.num_patches, self.patch_size, self.in_chans,
                                   _decoder_config(decoder))
+        if init_from:
+            self.load_mae(init_from)
+
+    def load_mae(self, path: str) -> dict:
+        """Copy pretrained MAE encoder + decoder weights from ``path`` (see ``init_from``); returns the report."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from selfsup.models.mae_weights import load_mae_weights
+
+        report = load_mae_weights(self, path)
+        rank_zero_info(f"{type(self).__name__}: {report.get('loaded')} tensors loaded from {path} "
+                       f"({report.get('source')})")
+        return report
 
     # ---------------------------------------------------------------------------------- pieces
     def draw_masking(self, n: int, generator: torch.Generator, mask_ratio: Optional[float] = None) -> Masking:
@@ -162,6 +179,14 @@ class MAE(Method):
         pred = self.forward_decoder(self.decoder_tokens(latent), masking.restore)
         loss = mae_loss(imgs, pred, masking.mask, self.patch_size, self.norm_pix_loss, reduction=reduction)
         return MAEOutput(loss=loss, pred=pred, masking=masking, latent=latent)
+
+    @torch.no_grad()
+    def heldout_loss(self, imgs: Tensor, generator: torch.Generator, num_codes: int = 1, chunk: int = 32) -> Tensor:
+        """``[N]`` masked loss of ``imgs [N, C, H, W]`` under a fresh random mask each (validation; ``num_codes`` is
+        for latent-code models, an MAE has none)."""
+        out = [self.forward_loss(imgs[c: c + chunk], generator, reduction="none").loss.float()
+               for c in range(0, imgs.shape[0], chunk)]
+        return torch.cat(out)
 
     # ---------------------------------------------------------------------------------- duty
     def training_loss(self, batch: Batch) -> dict[str, Any]:
