@@ -52,6 +52,10 @@ class EvalData:
         batch_size: feature-extraction batch.
         num_workers: loader workers.
         skip_corrupt: drop undecodable images instead of failing.
+        n_way: evaluate on ``n_way`` classes only (all their images), chosen as in pretraining (``class_pick``,
+            ``subset_seed``); default: the checkpoint's (an n-way pretraining subset is evaluated on its classes);
+            ``-1``: every class.
+        class_pick, subset_seed: how the classes are chosen (default: the checkpoint's).
     """
 
     dataset: Optional[str] = None
@@ -66,6 +70,9 @@ class EvalData:
     batch_size: int = 512
     num_workers: int = 4
     skip_corrupt: bool = False
+    n_way: Optional[int] = None
+    class_pick: Optional[Literal["even", "random"]] = None
+    subset_seed: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------------------------- parsers
@@ -258,9 +265,13 @@ def eval_data_config(d: EvalData, meta: dict, checkpoint: str) -> DataConfig:
         raise ValueError(f"'{checkpoint}' does not say which dataset it was trained on: pass --data.dataset")
     root = d.root if d.root is not None else (meta.get("root") if dataset == meta.get("dataset") else None)
     augment = d.augment or meta.get("augment") or ("cifar10" if dataset == "demo" else dataset)
+    trained = meta.get("config", {}).get("data", {}) if dataset == meta.get("dataset") else {}
     overrides = meta.get("config", {}).get("data", {}).get("augment_overrides") if not d.augment else None
+    n_way = d.n_way if d.n_way is not None else trained.get("n_way")
     return DataConfig(dataset=dataset, root=root, download=d.download, bank_split=d.train_split,
-                      augment_overrides=overrides,
+                      augment_overrides=overrides, n_way=None if n_way == -1 else n_way,
+                      class_pick=d.class_pick or trained.get("class_pick") or "even",
+                      subset_seed=d.subset_seed if d.subset_seed is not None else trained.get("subset_seed", 0),
                       test_split=d.test_split, class_list=d.class_list, augment=augment, in_memory=d.in_memory,
                       image_size=d.image_size, num_workers=d.num_workers, skip_corrupt=d.skip_corrupt)
 

@@ -3,14 +3,12 @@ resume inside an IMLE epoch, validation monitors and the reconstruction grid for
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from collections import Counter
 
 import pytest
 import torch
 
+from kill_harness import pretrain_killed_at
 from selfsup.cli import main
 from selfsup.data.rounds import EpochPlan, RoundSampler, epoch_examples, rank_examples, steps_per_epoch
 from selfsup.engine.optim import method_param_groups
@@ -152,6 +150,8 @@ def test_each_example_is_drawn_k_or_k_minus_one_times_and_ranks_split_the_epoch(
     assert sorted(r0 + r1) == sorted(epoch_examples(20, plan, 1, 3)) and not set(r0) & set(r1)
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         rank_examples(20, EpochPlan(9, 2), 0, 3, 0, 2)
+    with pytest.raises(ValueError, match="exceed the 20 training images"):
+        epoch_examples(20, EpochPlan(21, 2), 0, 3)
 
 
 def test_epoch_steps_are_whole_passes_over_the_examples():
@@ -188,20 +188,6 @@ COMMON = [
 ]
 BASE = [*IMLE_ARGS, *COMMON]
 
-KILLER = """
-import os, signal, sys
-import lightning as L
-from selfsup.cli import run_pretrain
-
-STEP = int(sys.argv[1])
-
-class KillAtStep(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == STEP:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-run_pretrain(sys.argv[2:], extra_callbacks=[KillAtStep()])
-"""
 
 
 def _state(path):
@@ -215,10 +201,7 @@ def test_resume_inside_an_imle_epoch_equals_the_uninterrupted_run(tmp_path, cifa
     args = [*BASE, "--data.root", str(cifar_slice), "--trainer.max_epochs", "3", "--trainer.save_every_n_steps", "3"]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0
-    script = tmp_path / "killer.py"
-    script.write_text(textwrap.dedent(KILLER))
-    proc = subprocess.run([sys.executable, str(script), "7", *args, "--trainer.out_dir", str(run_b)],
-                          capture_output=True, text=True, timeout=600)
+    proc = pretrain_killed_at(7, [*args, "--trainer.out_dir", str(run_b)], tmp_path)
     assert proc.returncode == -9, proc.stderr[-3000:]
     mid = _state(run_b / "checkpoints" / "last.ckpt")
     assert mid["global_step"] == 6

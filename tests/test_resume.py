@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from kill_harness import pretrain_killed_at
 from selfsup.cli import main
 
 BASE = [
@@ -25,20 +23,6 @@ MODES = {
     "per_image_workers": ["--data.view_mode", "per_image", "--data.num_workers", "2"],
 }
 
-KILLER = """
-import os, signal, sys
-import lightning as L
-from selfsup.cli import run_pretrain
-
-STEP = int(sys.argv[1])
-
-class KillAtStep(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == STEP:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-run_pretrain(sys.argv[2:], extra_callbacks=[KillAtStep()])
-"""
 
 
 def _state(ckpt: Path) -> dict:
@@ -55,10 +39,7 @@ def test_kill_after_a_mid_epoch_checkpoint_then_resume_equals_the_uninterrupted_
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0
 
-    script = tmp_path / "killer.py"
-    script.write_text(textwrap.dedent(KILLER))
-    proc = subprocess.run([sys.executable, str(script), "11", *args, "--trainer.out_dir", str(run_b)],
-                          capture_output=True, text=True, timeout=600)
+    proc = pretrain_killed_at(11, [*args, "--trainer.out_dir", str(run_b)], tmp_path)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert _state(run_b / "checkpoints" / "last.ckpt")["global_step"] == 9  # the newest checkpoint, mid-epoch
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_b), "--trainer.resume", "true"]) == 0

@@ -54,6 +54,9 @@ def epoch_examples(n: int, plan: EpochPlan, epoch: int, seed: int) -> list[int]:
     """``S_e``: the ``plan.examples`` dataset indices of ``epoch`` (each index at most once when ``E <= n``)."""
     if n < 1:
         raise ValueError("cannot draw examples from an empty dataset")
+    if plan.examples > n:
+        raise ValueError(f"examples per epoch ({plan.examples}) exceed the {n} training images: an epoch would hold "
+                         "an example twice; lower examples_per_epoch")
     e = plan.examples
     start = int(epoch) * e
     r, off = divmod(start, n)

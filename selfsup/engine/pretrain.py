@@ -227,7 +227,13 @@ def pretrain(
         from selfsup.engine.fewshot_callback import FewShotMonitor
         from selfsup.eval.fewshot import FewShotConfig
 
-        fs = FewShotConfig(**(monitor.fewshot or {}))  # an unknown field is a TypeError naming it
+        import dataclasses
+
+        unknown = sorted(set(monitor.fewshot or {}) - {f.name for f in dataclasses.fields(FewShotConfig)})
+        if unknown:
+            raise ValueError(f"monitor.fewshot: unknown field(s) {unknown}; valid: "
+                             f"{[f.name for f in dataclasses.fields(FewShotConfig)]}")
+        fs = FewShotConfig(**(monitor.fewshot or {}))
         support = build_eval_dataset(data, data.bank_split)
         query = support if data.test_split == data.bank_split else build_eval_dataset(data, data.test_split)
         augmented = None
