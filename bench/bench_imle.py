@@ -18,6 +18,7 @@ Two parts, one script run:
 
     python bench/bench_imle.py --runs-dir /work/bench_runs/issue8            # both parts
     python bench/bench_imle.py --throughput-only --device cuda                # part 1 on a GPU
+    python bench/bench_imle.py --mae-arm-epochs 40                            # the MAE arm at IMLE's step count
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ def quality(args) -> dict:
 
     res, digest0, train_ds = {}, None, None
     runs = [("imle", "imle-cpu-small.yaml", []), ("mae-arm", "imle-cpu-small-mae-arm.yaml", None)]
+    if args.mae_arm_epochs:  # the MAE arm alone, for a given number of epochs (e.g. the IMLE run's: equal steps)
+        e = args.mae_arm_epochs
+        runs = [("mae-arm", "imle-cpu-small-mae-arm.yaml",
+                 ["--trainer.max_epochs", str(e), "--optim.warmup_epochs", str(max(1, e // 10))])]
     budget = None
     for name, recipe, extra in runs:
         path = str(ROOT / "recipes" / recipe)
@@ -172,6 +177,8 @@ def main() -> None:
     ap.add_argument("--recon-images", type=int, default=2000)
     ap.add_argument("--recon-codes", type=int, default=16)
     ap.add_argument("--episodes", type=int, default=600)
+    ap.add_argument("--mae-arm-epochs", type=int, default=None,
+                    help="run only the MAE arm, for this many epochs (40 = the IMLE recipe's: equal steps)")
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
@@ -184,7 +191,7 @@ def main() -> None:
         out["quality"] = q = quality(args)
         print("\nCIFAR-10, cpu-small ViT (width 192, depth 6, patch 4), same initial weights, 2 CPU threads:")
         print(f"  {'model':<10} {'epochs':>6} {'steps':>6} {'minutes':>8} {'held-out loss':>14} {'10-way 5-shot':>16}")
-        for name in ("untrained", "mae-arm", "imle"):
+        for name in [n for n in ("untrained", "mae-arm", "imle") if n in q]:
             r = q[name]
             print(f"  {name:<10} {r.get('epochs', 0):>6} {r.get('steps', 0):>6} {r.get('train_minutes', 0):>8.1f} "
                   f"{r['recon_loss']:>14.4f} {r['fewshot_acc']:>9.2f} ± {r['fewshot_ci95']:.2f}")

@@ -46,7 +46,7 @@ def test_every_recipe_parses():
     assert len(recipes) >= 7
     for r in recipes:
         cfg = _pretrain_parser().parse_args(["--config", str(r)])
-        assert cfg.method.class_path.rsplit(".", 1)[-1] in {"MMCR", "MEC", "SimCLR", "BYOL", "MAE", "CAN"}, r
+        assert cfg.method.class_path.rsplit(".", 1)[-1] in {"MMCR", "MEC", "SimCLR", "BYOL", "MAE", "CAN", "IMLE"}, r
 
 
 def test_missing_dataset_path_is_named(tmp_path, capsys):

@@ -39,6 +39,12 @@ RECIPE_PROTOCOL = {
     "can-cifar10": "fast",
     "mae-cpu-small": "fast",
     "can-cpu-small": "fast",
+    "imle-imagenet": "mae-linprobe",
+    "imle-imagenet-mae-arm": "mae-linprobe",
+    "imle-cifar10": "fast",
+    "imle-cifar10-mae-arm": "fast",
+    "imle-cpu-small": "fast",
+    "imle-cpu-small-mae-arm": "fast",
 }
 
 
