@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,17 @@ MODES = {
 
 
 
+def _losses(metrics_csv: Path) -> dict[int, float]:
+    """``{step: train/loss}`` of a run's metrics.csv; a step logged twice is an error."""
+    out: dict[int, float] = {}
+    for row in csv.DictReader(open(metrics_csv, newline="")):
+        if row.get("train/loss"):
+            step = int(row["step"])
+            assert step not in out, f"step {step} logged twice in {metrics_csv}"
+            out[step] = float(row["train/loss"])
+    return out
+
+
 def _state(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=True)
 
@@ -35,13 +47,14 @@ def test_kill_after_a_mid_epoch_checkpoint_then_resume_equals_the_uninterrupted_
     newest checkpoint (step 9) is in the middle of epoch 1. Before the fix the resumed epoch restarted from its
     first batch (and per-image views from fresh worker RNG), so the weights differed."""
     args = [*BASE, *MODES[mode], "--data.root", str(cifar_slice), "--trainer.max_epochs", "2",
-            "--trainer.save_every_n_steps", "3"]
+            "--trainer.save_every_n_steps", "3", "--trainer.logger", "csv", "--trainer.log_every_n_steps", "1"]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0
 
     proc = pretrain_killed_at(11, [*args, "--trainer.out_dir", str(run_b)], tmp_path)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert _state(run_b / "checkpoints" / "last.ckpt")["global_step"] == 9  # the newest checkpoint, mid-epoch
+    assert not list((run_b / "checkpoints").glob("last-v*.ckpt"))  # one last.ckpt, kept by both checkpointers
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_b), "--trainer.resume", "true"]) == 0
 
     a, b = _state(run_a / "checkpoints" / "last.ckpt"), _state(run_b / "checkpoints" / "last.ckpt")
@@ -49,6 +62,26 @@ def test_kill_after_a_mid_epoch_checkpoint_then_resume_equals_the_uninterrupted_
     for k in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6,
                                    msg=f"resumed run differs at {k}")
+    # the resumed run's metrics.csv continues the killed run's: every step's loss once, equal to the uninterrupted run's
+    # (Lightning's CSVLogger deleted the file on resume, and with it steps 0-8)
+    loss_a, loss_b = (_losses(r / "logs" / "metrics.csv") for r in (run_a, run_b))
+    assert sorted(loss_b) == list(range(16)) and set(loss_a) == set(loss_b)
+    for step in loss_a:
+        assert loss_b[step] == pytest.approx(loss_a[step], abs=1e-5), step
+
+
+def test_last_checkpoint_is_the_newest_save_of_either_checkpointer(tmp_path, cifar_slice):
+    """8 steps per epoch, step saves every 3: killed as epoch 1 starts (global step 8), the newest save is the end of
+    epoch 0 (step 8), after the step save at 6. last.ckpt must hold step 8 (it held 6, and the epoch save went to a
+    last-v1.ckpt)."""
+    args = [*BASE, *MODES["batched"], "--data.root", str(cifar_slice), "--trainer.max_epochs", "2",
+            "--trainer.save_every_n_steps", "3", "--trainer.out_dir", str(tmp_path / "run")]
+    proc = pretrain_killed_at(8, args, tmp_path)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert _state(ckpts / "last.ckpt")["global_step"] == 8
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch0000.ckpt", "last.ckpt", "step00000003.ckpt",
+                                                            "step00000006.ckpt"]
 
 
 def test_last_checkpoint_always_holds_the_final_step(tmp_path, cifar_slice):

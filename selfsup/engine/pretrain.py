@@ -23,6 +23,7 @@ from selfsup.data.transforms import MultiViewTransform
 from selfsup.engine.callbacks import KNNMonitor
 from selfsup.engine.checkpoint import AtomicCheckpointIO, check_compatible, resolve_resume
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
+from selfsup.engine.loggers import build_logger
 from selfsup.engine.module import SelfSupModule
 from selfsup.engine.spectrum import SPECTRUM_FILE, SpectrumMonitor
 from selfsup.methods.base import Method
@@ -106,6 +107,21 @@ class SelfSupData(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
 
+class SharedLastCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose ``last.ckpt`` is shared with the run's other checkpointer (epochs and steps): the
+    newest state, whichever of them saved it. Lightning's version counter made the second one write its own
+    ``last-v1.ckpt``, so ``last.ckpt`` (what ``--trainer.resume true`` reads) could lag behind it. Only ``last.ckpt``
+    is written over; epoch and step files keep the counter, so a run resumed from an older file never overwrites a
+    newer one (it writes ``epoch0003-v1.ckpt``)."""
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        counter, self._enable_version_counter = self._enable_version_counter, False
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._enable_version_counter = counter
+
+
 class FinalCheckpoint(L.Callback):
     """``last.ckpt`` always holds the final step: training that stops between periodic saves (``max_steps``,
     ``max_time``, ``max_epochs`` not a multiple of the period) writes it once more at the end."""
@@ -129,6 +145,12 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if native_bf16(accelerator) else "32-true"
 
 
+def _checkpoint_step(ckpt_path: Optional[str]) -> Optional[int]:
+    if ckpt_path is None:
+        return None
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+
+
 def _check_resumable(ckpt_path: str, module: SelfSupModule) -> None:
     """Fail before any work when the checkpoint cannot continue this run (the same check as on load)."""
     from selfsup.eval.load import checkpoint_meta
@@ -137,23 +159,6 @@ def _check_resumable(ckpt_path: str, module: SelfSupModule) -> None:
     if not meta:
         raise ValueError(f"'{ckpt_path}' was not written by selfsup pretrain (no 'selfsup' entry); cannot resume from it")
     check_compatible(meta, module.checkpoint_meta(), path=f"'{ckpt_path}'")
-
-
-def _logger(cfg: TrainerConfig):
-    if cfg.logger == "none":
-        return False
-    if cfg.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        # Flushed at every logging step (default: every 100), so a killed run keeps its curves for `selfsup report`.
-        return CSVLogger(cfg.out_dir, name="logs", version="", flush_logs_every_n_steps=max(1, cfg.log_every_n_steps))
-    if cfg.logger == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(cfg.out_dir, name="logs", version="")
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(save_dir=cfg.out_dir)
 
 
 def pretrain(
@@ -198,14 +203,15 @@ def pretrain(
         module = module.to(memory_format=torch.channels_last)
 
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch:04d}", auto_insert_metric_name=False,
-                        every_n_epochs=trainer.save_every_n_epochs, save_top_k=-1, save_last=True),
+        SharedLastCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch:04d}", auto_insert_metric_name=False,
+                             every_n_epochs=trainer.save_every_n_epochs, save_top_k=-1, save_last=True),
     ]
     callbacks.append(FinalCheckpoint(out / "checkpoints" / "last.ckpt"))
     if trainer.save_every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}",
-                                         auto_insert_metric_name=False, every_n_train_steps=trainer.save_every_n_steps,
-                                         save_top_k=-1, save_last=True))
+        callbacks.append(SharedLastCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}",
+                                              auto_insert_metric_name=False,
+                                              every_n_train_steps=trainer.save_every_n_steps, save_top_k=-1,
+                                              save_last=True))
     knn = None
     if monitor.every_n_epochs:
         bank = build_eval_dataset(data, data.bank_split, limit=monitor.bank_size)
@@ -260,7 +266,7 @@ def pretrain(
         strategy=trainer.strategy,
         precision=resolve_precision(trainer.precision, trainer.accelerator),
         sync_batchnorm=trainer.sync_batchnorm,
-        logger=_logger(trainer),
+        logger=build_logger(trainer, _checkpoint_step(ckpt_path)),
         callbacks=callbacks,
         log_every_n_steps=trainer.log_every_n_steps,
         enable_progress_bar=trainer.progress_bar,
