@@ -3,10 +3,13 @@ chance to save anything, after which a resume must continue exactly."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 KILLER = """
 import os, signal, sys
@@ -25,7 +28,10 @@ run_pretrain(sys.argv[2:], extra_callbacks=[KillAtStep()])
 
 
 def pretrain_killed_at(step: int, args: list[str], workdir: Path) -> subprocess.CompletedProcess:
-    """``selfsup pretrain ARGS`` killed by SIGKILL at the start of optimiser step ``step`` (returncode -9)."""
+    """``selfsup pretrain ARGS`` killed by SIGKILL at the start of optimiser step ``step`` (returncode -9), run from
+    the repository root (recipes given by relative path) with this checkout first on the import path."""
     script = workdir / "killer.py"
     script.write_text(textwrap.dedent(KILLER))
-    return subprocess.run([sys.executable, str(script), str(step), *args], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(script), str(step), *args], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=REPO)

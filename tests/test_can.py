@@ -5,16 +5,12 @@ of a run that draws masks and noise, on real CIFAR-10 images."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from kill_harness import pretrain_killed_at
 from selfsup.cli import main
 from selfsup.losses import info_nce_loss, mae_loss
 from selfsup.methods import CAN, Batch
@@ -23,7 +19,6 @@ from selfsup.methods.can import NoiseConfig, noise_level_embedding
 VIT = {"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
 DECODER = {"width": 32, "depth": 1, "heads": 2}
 B, P, L = 4, 8, 16
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _can(**kw) -> CAN:
@@ -167,18 +162,6 @@ TINY_CAN = [
     "--trainer.seed", "3", "--monitor.every_n_epochs", "0", "--trainer.precision", "32-true",
 ]
 
-KILLER = """
-import os, signal, sys
-import lightning as L
-from selfsup.cli import run_pretrain
-
-class KillAtStep(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == int(sys.argv[1]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-run_pretrain(sys.argv[2:], extra_callbacks=[KillAtStep()])
-"""
 
 
 def test_kill_then_resume_equals_the_uninterrupted_run_with_masks_and_noise(tmp_path, cifar_slice):
@@ -187,11 +170,7 @@ def test_kill_then_resume_equals_the_uninterrupted_run_with_masks_and_noise(tmp_
     args = [*TINY_CAN, "--data.root", str(cifar_slice)]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0
-    script = tmp_path / "killer.py"
-    script.write_text(textwrap.dedent(KILLER))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), "7", *args, "--trainer.out_dir", str(run_b)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    proc = pretrain_killed_at(7, [*args, "--trainer.out_dir", str(run_b)], tmp_path)
     assert proc.returncode == -9, proc.stderr[-3000:]
     load = lambda p: torch.load(p / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)  # noqa: E731
     assert load(run_b)["global_step"] == 6
