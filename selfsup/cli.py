@@ -176,24 +176,27 @@ def _demo_parser() -> ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- commands
-def _check_resume_file(trainer) -> None:
-    """A resume checkpoint that cannot be read is named before any work is done."""
+def _check_resume_file(trainer) -> Optional[str]:
+    """A resume checkpoint that cannot be read is named before any work is done; returns its path (None: fresh)."""
     from selfsup.engine.checkpoint import resolve_resume
     from selfsup.eval.load import checkpoint_meta
 
     path = resolve_resume(trainer.out_dir, trainer.resume)
     if path is None:
-        return
+        return None
     with reading_checkpoint(path):
         meta = checkpoint_meta(path)
     if not meta:
         raise ValueError(f"'{path}' was not written by selfsup pretrain (no 'selfsup' entry); cannot resume from it")
+    return path
 
 
 def run_pretrain(argv: list[str], extra_callbacks=()) -> dict:
     parser = _pretrain_parser()
     cfg = parser.parse_args(argv)
-    _check_resume_file(cfg.trainer)
+    if _check_resume_file(cfg.trainer) and getattr(cfg.method.init_args, "init_from", None):
+        # a resumed run's weights come from its checkpoint: the initial weights' file is not needed (nor read) again
+        cfg.method.init_args.init_from = None
     import lightning as L
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # before the model is built

@@ -257,6 +257,12 @@ def test_imle_on_an_nway_nshot_subset_with_monitors_init_from_mae_and_code_grid(
     assert len(epochs) == 2 and all(float(r["epoch/end_loss"]) <= float(r["epoch/first_loss"]) for r in epochs)
 
     ckpt = run / "checkpoints" / "last.ckpt"
+    # a resumed run does not need its init_from file again (its weights come from the checkpoint)
+    mae_ckpt.rename(mae_ckpt.with_name("moved.ckpt"))
+    assert main(["pretrain", *IMLE_ARGS, *common, "--method.init_args.init_from", str(mae_ckpt),
+                 "--data.n_way", "5", "--data.n_shot", "8", "--trainer.max_epochs", "3", "--trainer.out_dir", str(run),
+                 "--trainer.resume", "true"]) == 0
+    assert _state(ckpt)["global_step"] == 12
     res = main(["reconstruct", "--checkpoint", str(ckpt), "--codes", "3", "--num_images", "2",
                 "--output", str(tmp_path / "grid.png")])
     assert res == 0
