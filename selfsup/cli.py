@@ -251,10 +251,15 @@ def _read_checkpoint(path: str, which: str):
     return backbone, meta
 
 
+def _check_output_free(output: Optional[str]) -> None:
+    """An ``--output`` that exists fails before any work (results are never overwritten)."""
+    if output and Path(output).exists():
+        raise FileExistsError(f"--output '{output}' exists; refusing to overwrite it")
+
+
 def _eval_setup(cfg):
     """``(backbone on the --device, eval DataConfig, checkpoint meta, device)``, defaults from the checkpoint."""
-    if cfg.output and Path(cfg.output).exists():  # fail before any work
-        raise FileExistsError(f"--output '{cfg.output}' exists; refusing to overwrite it")
+    _check_output_free(cfg.output)
     backbone, meta = _read_checkpoint(cfg.checkpoint, cfg.which)
     data = eval_data_config(cfg.data, meta, cfg.checkpoint)
     device = _device(cfg.device)
@@ -443,8 +448,7 @@ def run_finetune(argv: list[str]) -> dict:
     from selfsup.eval.protocols import resolve_finetune
 
     cfg = _finetune_parser().parse_args(argv)
-    if cfg.output and Path(cfg.output).exists():  # fail before any work
-        raise FileExistsError(f"--output '{cfg.output}' exists; refusing to overwrite it")
+    _check_output_free(cfg.output)
     protocol = resolve_finetune(cfg.protocol or "fast",
                                 **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)})
     with reading_checkpoint(cfg.checkpoint):
@@ -509,8 +513,7 @@ def _select_parser() -> ArgumentParser:
 
 def run_select(argv: list[str]) -> dict:
     cfg = _select_parser().parse_args(argv)
-    if cfg.output and Path(cfg.output).exists():  # fail before any work
-        raise FileExistsError(f"--output '{cfg.output}' exists; refusing to overwrite it")
+    _check_output_free(cfg.output)
     from selfsup.eval.load import checkpoint_meta
     from selfsup.eval.protocols import resolve
     from selfsup.eval.results import write_eval_result

@@ -11,6 +11,7 @@ and the loss.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import asdict
 from typing import Any, Callable, Optional
 
@@ -99,8 +100,6 @@ class SelfSupModule(L.LightningModule):
     def prepare_planned_epoch(self) -> None:
         """A planned epoch (``method.epoch_plan()``): load this rank's examples, make their views once (keyed on the
         epoch's first step, so a resumed run makes the same ones), and let the method prepare the epoch."""
-        import time
-
         dm, epoch = self.trainer.datamodule, self.current_epoch
         first = epoch * self._steps_per_epoch()
         t0 = time.perf_counter()

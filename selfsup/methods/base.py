@@ -227,8 +227,8 @@ class Method(nn.Module):
     def make_views(self, images: Tensor, step: int) -> Tensor:
         """The engine's views of ``images`` (uint8 ``[B, 3, H, W]``) for ``step``, ``[B, V, C, h, w]``.
 
-        The same call the engine makes for every training batch, keyed the same way (seed, step, rank),
-        so a method can fix views ahead of time (IMLE-SSL fixes one view per example for an epoch).
+        The same call the engine makes for every training batch, keyed the same way (seed, step, rank); a planned
+        epoch's fixed views (:meth:`prepare_epoch`) are made by it too, in the engine.
         """
         if self._view_maker is None:
             raise RuntimeError("make_views is available once the engine has bound its view maker (during fit)")

@@ -129,6 +129,20 @@ def _nonzero(s: list[float], rel: float = 1e-5) -> list[float]:
     return [x for x in s if x > rel * top] if top > 0 else []
 
 
+def _spectrum_axes(ax, title: str, legend_size: int) -> None:
+    """Log-scale singular values against their index k."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("index k")
+    ax.set_ylabel("singular value (log)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
+
+
 def _evenly(items: list, n: int) -> list:
     if len(items) <= n:
         return list(items)
@@ -205,8 +219,6 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
             add("Alignment and uniformity over training", fig, "alignment_uniformity.png")
 
     from matplotlib import colormaps
-    from matplotlib.ticker import MaxNLocator
-
     cmap = colormaps["viridis"]
     for r in runs:
         points = spectrum_points(r)
@@ -218,14 +230,7 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
                 s = _nonzero(rec.get("singular_values", {}).get(n, []))
                 if s:
                     ax.plot(range(1, len(s) + 1), s, color=cmap(i / max(1, len(points) - 1)), label=label)
-            ax.set_yscale("log")
-            ax.set_title(f"{n} singular values" + (f" ({r.name})" if multi else ""))
-            ax.set_xlabel("index k")
-            ax.set_ylabel("singular value (log)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(True, alpha=0.3, which="both")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            _spectrum_axes(ax, f"{n} singular values" + (f" ({r.name})" if multi else ""), legend_size=7)
         add(f"Singular-value spectrum at several checkpoints ({r.name})", fig, f"spectrum-{_slug(r.name)}.png")
 
     if multi and any(r.spectrum for r in runs):
@@ -237,13 +242,6 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
                     if s:
                         ax.plot(range(1, len(s) + 1), s, color=colors[r.name],
                                 label=f"{r.name} (step {r.spectrum[-1]['step']})")
-            ax.set_yscale("log")
-            ax.set_title(f"{n}: latest spectrum of each run")
-            ax.set_xlabel("index k")
-            ax.set_ylabel("singular value (log)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(True, alpha=0.3, which="both")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+            _spectrum_axes(ax, f"{n}: latest spectrum of each run", legend_size=8)
         add("Latest singular-value spectrum of each run", fig, "spectrum-latest.png")
     return made
