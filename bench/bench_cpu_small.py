@@ -52,8 +52,13 @@ def evaluate(backbone, data, linear: bool) -> dict:
     out = {"n_bank": len(by), "n_test": len(ty), **knn_accuracy(bf, by, tf, ty, num_classes=10, k=200, temperature=0.5)}
     if linear:
         probe = linear_probe_cached(bf, by, tf, ty, 10, get_protocol("fast").probe)
-        out["linear"] = {"test_top1": probe.test_top1, "test_top1_last": probe.test_top1_last,
-                         "val_top1": probe.val_top1, "lr": probe.lr, "weight_decay": probe.weight_decay}
+        out["linear"] = {
+            "test_top1": probe.test_top1,
+            "test_top1_last": probe.test_top1_last,
+            "val_top1": probe.val_top1,
+            "lr": probe.lr,
+            "weight_decay": probe.weight_decay,
+        }
     return out
 
 
@@ -65,8 +70,17 @@ def _instantiate(recipe: str, zip_path: str, overrides: list[str], runs_dir: str
     if runs_dir:
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
     out = tempfile.mkdtemp(prefix=f"{Path(recipe).stem}-", dir=runs_dir)
-    argv = ["--config", recipe, "--data.root", zip_path, "--trainer.out_dir", out,
-            "--monitor.every_n_epochs", "0", *overrides]
+    argv = [
+        "--config",
+        recipe,
+        "--data.root",
+        zip_path,
+        "--trainer.out_dir",
+        out,
+        "--monitor.every_n_epochs",
+        "0",
+        *overrides,
+    ]
     parser = _pretrain_parser()
     cfg = parser.parse_args(argv)
     L.seed_everything(cfg.trainer.seed, verbose=False)
@@ -99,20 +113,32 @@ def main() -> None:
             t0 = time.time()
             random_knn = evaluate(init.method.backbone, init.data, args.linear)
             random_digest = digest
-            print(f"random init: kNN top-1 {random_knn['top1']:.2f}%{_lin(random_knn)} ({time.time() - t0:.0f} s to "
-                  "evaluate)", flush=True)
+            print(
+                f"random init: kNN top-1 {random_knn['top1']:.2f}%{_lin(random_knn)} ({time.time() - t0:.0f} s to "
+                "evaluate)",
+                flush=True,
+            )
         same_init = abs(digest - random_digest) < 1e-6 * max(1.0, abs(random_digest))
         t0 = time.time()
         pretrain(init.method, init.data, init.optim, init.trainer, init.monitor)
         minutes = (time.time() - t0) / 60
         knn = evaluate(init.method.backbone, init.data, args.linear)
-        results[name] = {"run_dir": str(cfg.trainer.out_dir), "recipe": recipe, "method": type(init.method).__name__, "steps": cfg.trainer.max_steps,
-                         "pretrain_minutes": round(minutes, 2), "same_random_init": same_init, "knn": knn}
+        results[name] = {
+            "run_dir": str(cfg.trainer.out_dir),
+            "recipe": recipe,
+            "method": type(init.method).__name__,
+            "steps": cfg.trainer.max_steps,
+            "pretrain_minutes": round(minutes, 2),
+            "same_random_init": same_init,
+            "knn": knn,
+        }
         if not same_init:
             print(f"warning: {name}'s backbone does not start from the random-init row's weights", flush=True)
         rows.append((name, type(init.method).__name__, cfg.trainer.max_steps, minutes, knn))
-        print(f"{name}: kNN top-1 {knn['top1']:.2f}%{_lin(knn)} after {minutes:.1f} min ({cfg.trainer.max_steps} "
-              "steps)", flush=True)
+        print(
+            f"{name}: kNN top-1 {knn['top1']:.2f}%{_lin(knn)} after {minutes:.1f} min ({cfg.trainer.max_steps} steps)",
+            flush=True,
+        )
     res = {"random_init": random_knn, "runs": results, "overrides": overrides, "threads": args.threads}
     print(json.dumps(res, indent=2))
     if args.output:

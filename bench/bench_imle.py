@@ -61,7 +61,7 @@ def throughput(device: str, reps: int, examples: int, codes: int) -> dict:
 
     out = {}
     with torch.no_grad():
-        for name, fn in (("search", search), ("plain", plain)):
+        for fn in (search, plain):  # warm-up
             fn()
         times = {"search": [], "plain": []}
         for _ in range(reps):
@@ -77,9 +77,17 @@ def throughput(device: str, reps: int, examples: int, codes: int) -> dict:
     for name in times:
         out[f"{name}_rows_per_s"] = n / statistics.median(times[name])
     out["ratio"] = out["search_rows_per_s"] / out["plain_rows_per_s"]
-    out.update({"device": device, "examples": examples, "codes_per_example": codes, "threads": torch.get_num_threads(),
-                "precision": method.search_precision, "inject": method.latent.indices,
-                "depth": len(method.backbone.blocks)})
+    out.update(
+        {
+            "device": device,
+            "examples": examples,
+            "codes_per_example": codes,
+            "threads": torch.get_num_threads(),
+            "precision": method.search_precision,
+            "inject": method.latent.indices,
+            "depth": len(method.backbone.blocks),
+        }
+    )
     return out
 
 
@@ -97,10 +105,20 @@ def evaluate(method, data, recon_images: int, recon_codes: int, episodes: int, s
     with torch.no_grad():
         loss = method.heldout_loss(x, torch.Generator().manual_seed(seed), recon_codes, chunk=64).mean().item()
     support = build_eval_dataset(data, "train")
-    fs = few_shot_eval(method.backbone, support, test, FewShotConfig(n_way=10, n_shot=5, n_query=15,
-                                                                      episodes=episodes, seed=seed), batch_size=500)
-    return {"recon_loss": loss, "recon_codes": recon_codes, "fewshot_acc": fs.accuracy, "fewshot_ci95": fs.ci95,
-            "episodes": fs.episodes}
+    fs = few_shot_eval(
+        method.backbone,
+        support,
+        test,
+        FewShotConfig(n_way=10, n_shot=5, n_query=15, episodes=episodes, seed=seed),
+        batch_size=500,
+    )
+    return {
+        "recon_loss": loss,
+        "recon_codes": recon_codes,
+        "fewshot_acc": fs.accuracy,
+        "fewshot_ci95": fs.ci95,
+        "episodes": fs.episodes,
+    }
 
 
 class TrainTimer(L.Callback):
@@ -128,20 +146,39 @@ def quality(args) -> dict:
     runs = [("imle", "imle-cpu-small.yaml", []), ("mae-arm", "imle-cpu-small-mae-arm.yaml", None)]
     if args.mae_arm_epochs:  # the MAE arm alone, for a given number of epochs (e.g. the IMLE run's: equal steps)
         e = args.mae_arm_epochs
-        runs = [("mae-arm", "imle-cpu-small-mae-arm.yaml",
-                 ["--trainer.max_epochs", str(e), "--optim.warmup_epochs", str(max(1, e // 10))])]
+        runs = [
+            (
+                "mae-arm",
+                "imle-cpu-small-mae-arm.yaml",
+                ["--trainer.max_epochs", str(e), "--optim.warmup_epochs", str(max(1, e // 10))],
+            )
+        ]
     budget = None
     for name, recipe, extra in runs:
         path = str(ROOT / "recipes" / recipe)
         if extra is None:  # the MAE arm: as many epochs as the IMLE run's training time allows
-            probe, pcfg = _instantiate(path, args.zip, ["--trainer.max_epochs", "4", "--monitor.recon_every_n_epochs",
-                                                        "0", "--trainer.logger", "none"], None)
+            probe, _pcfg = _instantiate(
+                path,
+                args.zip,
+                ["--trainer.max_epochs", "4", "--monitor.recon_every_n_epochs", "0", "--trainer.logger", "none"],
+                None,
+            )
             timer = TrainTimer()
-            pretrain(probe.method, probe.data, probe.optim, probe.trainer, probe.monitor, extra_callbacks=[timer],
-                     train_dataset=train_ds)
+            pretrain(
+                probe.method,
+                probe.data,
+                probe.optim,
+                probe.trainer,
+                probe.monitor,
+                extra_callbacks=[timer],
+                train_dataset=train_ds,
+            )
             epochs = max(1, round(budget / (timer.seconds / 4)))
-            print(f"mae-arm: {timer.seconds / 4:.1f} s per epoch -> {epochs} epochs in the IMLE run's "
-                  f"{budget / 60:.1f} min", flush=True)
+            print(
+                f"mae-arm: {timer.seconds / 4:.1f} s per epoch -> {epochs} epochs in the IMLE run's "
+                f"{budget / 60:.1f} min",
+                flush=True,
+            )
             extra = ["--trainer.max_epochs", str(epochs), "--optim.warmup_epochs", str(max(1, epochs // 10))]
         init, cfg = _instantiate(path, args.zip, ["--monitor.recon_every_n_epochs", "0", *extra], args.runs_dir)
         if train_ds is None:
@@ -153,14 +190,26 @@ def quality(args) -> dict:
             res["untrained"] = evaluate(init.method, init.data, args.recon_images, 0, args.episodes)
             print(f"untrained: {json.dumps(res['untrained'])} ({time.time() - t0:.0f} s)", flush=True)
         timer = TrainTimer()
-        pretrain(init.method, init.data, init.optim, init.trainer, init.monitor, extra_callbacks=[timer],
-                 train_dataset=train_ds)
+        pretrain(
+            init.method,
+            init.data,
+            init.optim,
+            init.trainer,
+            init.monitor,
+            extra_callbacks=[timer],
+            train_dataset=train_ds,
+        )
         budget = budget or timer.seconds
         codes = 0 if init.method.latent is None else args.recon_codes
         ev = evaluate(init.method, init.data, args.recon_images, codes, args.episodes)
-        res[name] = {**ev, "train_minutes": round(timer.seconds / 60, 2), "epochs": cfg.trainer.max_epochs,
-                     "steps": cfg.trainer.max_epochs * steps_per_epoch(init.method.plan, cfg.data.batch_size), "run_dir": cfg.trainer.out_dir,
-                     "same_init": abs(digest - digest0) < 1e-6 * max(1.0, abs(digest0))}
+        res[name] = {
+            **ev,
+            "train_minutes": round(timer.seconds / 60, 2),
+            "epochs": cfg.trainer.max_epochs,
+            "steps": cfg.trainer.max_epochs * steps_per_epoch(init.method.plan, cfg.data.batch_size),
+            "run_dir": cfg.trainer.out_dir,
+            "same_init": abs(digest - digest0) < 1e-6 * max(1.0, abs(digest0)),
+        }
         print(f"{name}: {json.dumps(res[name])}", flush=True)
     return res
 
@@ -177,24 +226,33 @@ def main() -> None:
     ap.add_argument("--recon-images", type=int, default=2000)
     ap.add_argument("--recon-codes", type=int, default=16)
     ap.add_argument("--episodes", type=int, default=600)
-    ap.add_argument("--mae-arm-epochs", type=int, default=None,
-                    help="run only the MAE arm, for this many epochs (40 = the IMLE recipe's: equal steps)")
+    ap.add_argument(
+        "--mae-arm-epochs",
+        type=int,
+        default=None,
+        help="run only the MAE arm, for this many epochs (40 = the IMLE recipe's: equal steps)",
+    )
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = {"throughput": throughput(args.device, args.reps, args.examples, args.codes)}
     t = out["throughput"]
-    print(f"code search: {t['search_rows_per_s']:.0f} codes/s vs plain MAE forward {t['plain_rows_per_s']:.0f} rows/s "
-          f"= {t['ratio']:.2f}x ({args.device}, {t['threads']} threads, {t['precision']})", flush=True)
+    print(
+        f"code search: {t['search_rows_per_s']:.0f} codes/s vs plain MAE forward {t['plain_rows_per_s']:.0f} rows/s "
+        f"= {t['ratio']:.2f}x ({args.device}, {t['threads']} threads, {t['precision']})",
+        flush=True,
+    )
     if not args.throughput_only:
         out["quality"] = q = quality(args)
         print("\nCIFAR-10, cpu-small ViT (width 192, depth 6, patch 4), same initial weights, 2 CPU threads:")
         print(f"  {'model':<10} {'epochs':>6} {'steps':>6} {'minutes':>8} {'held-out loss':>14} {'10-way 5-shot':>16}")
         for name in [n for n in ("untrained", "mae-arm", "imle") if n in q]:
             r = q[name]
-            print(f"  {name:<10} {r.get('epochs', 0):>6} {r.get('steps', 0):>6} {r.get('train_minutes', 0):>8.1f} "
-                  f"{r['recon_loss']:>14.4f} {r['fewshot_acc']:>9.2f} ± {r['fewshot_ci95']:.2f}")
+            print(
+                f"  {name:<10} {r.get('epochs', 0):>6} {r.get('steps', 0):>6} {r.get('train_minutes', 0):>8.1f} "
+                f"{r['recon_loss']:>14.4f} {r['fewshot_acc']:>9.2f} ± {r['fewshot_ci95']:.2f}"
+            )
     print(json.dumps(out, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2))

@@ -121,12 +121,16 @@ def main() -> None:
     x_tr, y_tr = load_cifar_slice(args.zip, "train", args.n_train // 10)
     x_te, y_te = load_cifar_slice(args.zip, "test", args.n_test // 10)
     train_ds, test_ds = NormalisedImages(x_tr, y_tr), NormalisedImages(x_te, y_te)
-    print(f"data: {len(train_ds)} train / {len(test_ds)} test real CIFAR-10 images, decoded in {time.perf_counter() - t:.1f}s")
+    print(
+        f"data: {len(train_ds)} train / {len(test_ds)} test real CIFAR-10 images, decoded in {time.perf_counter() - t:.1f}s"
+    )
 
     backbone = cifar_resnet18(args.width).eval()
     n_params = sum(p.numel() for p in backbone.parameters())
-    print(f"backbone: random-init ResNet-18 layout, width {args.width}, {n_params / 1e6:.2f}M params; "
-          f"{args.threads} threads, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}")
+    print(
+        f"backbone: random-init ResNet-18 layout, width {args.width}, {n_params / 1e6:.2f}M params; "
+        f"{args.threads} threads, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}"
+    )
     # Warm-up (one-off kernel selection / allocator growth) so neither protocol pays it.
     with torch.no_grad():
         for _ in range(2):
@@ -146,20 +150,34 @@ def main() -> None:
     per_epoch = linear_probe_augmented(backbone, train_ds, test_ds, 10, probe, val_dataset=train_ds)
     t_per_epoch, c_per_epoch = time.perf_counter() - t, time.process_time() - c
 
-    print(f"cached     : {t_cached:7.1f}s (extraction {t_extract:.1f}s + head {cached.seconds:.1f}s)  "
-          f"test top-1 {cached.test_top1:.2f} (epoch {cached.epoch}), last {cached.test_top1_last:.2f}, val {cached.val_top1:.2f}")
-    print(f"per-epoch  : {t_per_epoch:7.1f}s  "
-          f"test top-1 {per_epoch.test_top1:.2f} (epoch {per_epoch.epoch}), last {per_epoch.test_top1_last:.2f}, val {per_epoch.val_top1:.2f}")
-    print(f"speed-up of cached features: {t_per_epoch / t_cached:.1f}x wall, "
-          f"{c_per_epoch / c_cached:.1f}x CPU time ({c_cached:.1f}s vs {c_per_epoch:.1f}s; "
-          f"CPU time is the steadier number on a shared machine)")
+    print(
+        f"cached     : {t_cached:7.1f}s (extraction {t_extract:.1f}s + head {cached.seconds:.1f}s)  "
+        f"test top-1 {cached.test_top1:.2f} (epoch {cached.epoch}), last {cached.test_top1_last:.2f}, val {cached.val_top1:.2f}"
+    )
+    print(
+        f"per-epoch  : {t_per_epoch:7.1f}s  "
+        f"test top-1 {per_epoch.test_top1:.2f} (epoch {per_epoch.epoch}), last {per_epoch.test_top1_last:.2f}, val {per_epoch.val_top1:.2f}"
+    )
+    print(
+        f"speed-up of cached features: {t_per_epoch / t_cached:.1f}x wall, "
+        f"{c_per_epoch / c_cached:.1f}x CPU time ({c_cached:.1f}s vs {c_per_epoch:.1f}s; "
+        f"CPU time is the steadier number on a shared machine)"
+    )
     same = cached.val_curve == per_epoch.val_curve and cached.test_top1 == per_epoch.test_top1
     print(f"identical curves and test accuracy: {same}")
-    print(json.dumps({
-        "cached_s": round(t_cached, 2), "per_epoch_s": round(t_per_epoch, 2), "ratio": round(t_per_epoch / t_cached, 2),
-        "cached_cpu_s": round(c_cached, 2), "per_epoch_cpu_s": round(c_per_epoch, 2),
-        "cached": cached.to_dict(), "per_epoch": per_epoch.to_dict(),
-    }))
+    print(
+        json.dumps(
+            {
+                "cached_s": round(t_cached, 2),
+                "per_epoch_s": round(t_per_epoch, 2),
+                "ratio": round(t_per_epoch / t_cached, 2),
+                "cached_cpu_s": round(c_cached, 2),
+                "per_epoch_cpu_s": round(c_per_epoch, 2),
+                "cached": cached.to_dict(),
+                "per_epoch": per_epoch.to_dict(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

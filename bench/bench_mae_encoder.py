@@ -33,8 +33,12 @@ def main() -> None:
     ap.add_argument("--mask_ratio", type=float, default=0.75)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mode", choices=["train", "forward"], default="train", help="forward+backward, or forward only")
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="auto: bf16 autocast where the device computes bf16 natively")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 autocast where the device computes bf16 natively",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -49,8 +53,9 @@ def main() -> None:
     native = resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu") == "bf16-mixed"
     bf16 = args.precision == "bf16" or (args.precision == "auto" and native)
     torch.manual_seed(0)
-    vit = set_sincos_pos_embed(build_backbone({"name": args.arch, "kwargs": {"img_size": args.img,
-                                                                              "patch_size": args.patch}})).to(device)
+    vit = set_sincos_pos_embed(
+        build_backbone({"name": args.arch, "kwargs": {"img_size": args.img, "patch_size": args.patch}})
+    ).to(device)
     vit.train()
     x = torch.randn(args.batch, 3, args.img, args.img, device=device)
     num_patches = vit.patch_embed.num_patches
@@ -61,8 +66,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
-                torch.set_grad_enabled(args.mode == "train"):
+        with (
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+            torch.set_grad_enabled(args.mode == "train"),
+        ):
             out = forward_kept(vit, x, keep)
             if args.mode == "train":
                 out.float().square().mean().backward()
@@ -78,8 +85,15 @@ def main() -> None:
     kept, full = (statistics.median(t[0] for t in ts) for ts in (kept_t, full_t))
     kept_cpu, full_cpu = (statistics.median(t[1] for t in ts) for ts in (kept_t, full_t))
     result = {
-        "arch": args.arch, "img": args.img, "patch": args.patch, "batch": args.batch, "mode": args.mode,
-        "device": str(device), "bf16": bf16, "threads": torch.get_num_threads(), "mask_ratio": args.mask_ratio,
+        "arch": args.arch,
+        "img": args.img,
+        "patch": args.patch,
+        "batch": args.batch,
+        "mode": args.mode,
+        "device": str(device),
+        "bf16": bf16,
+        "threads": torch.get_num_threads(),
+        "mask_ratio": args.mask_ratio,
         "tokens": {"kept": 1 + masking.keep.shape[1], "full": 1 + num_patches},
         "images_per_s": {"kept": round(args.batch / kept, 2), "full": round(args.batch / full, 2)},
         "seconds_per_batch": {"kept": round(kept, 4), "full": round(full, 4)},
@@ -90,8 +104,10 @@ def main() -> None:
         result["cpu_time_speedup"] = round(full_cpu / kept_cpu, 2)
     print(json.dumps(result, indent=2))
     cpu = f" ({result['cpu_time_speedup']}x in CPU time)" if device.type == "cpu" else ""
-    print(f"kept-token encoder {result['speedup']}x the unmasked encoder's images/s{cpu} at mask ratio "
-          f"{args.mask_ratio} (goal >= 2.5x)")
+    print(
+        f"kept-token encoder {result['speedup']}x the unmasked encoder's images/s{cpu} at mask ratio "
+        f"{args.mask_ratio} (goal >= 2.5x)"
+    )
 
 
 if __name__ == "__main__":

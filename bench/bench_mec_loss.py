@@ -43,8 +43,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU, order 4, "
-          f"median of {args.reps} (after 1 warm-up), forward+backward, teacher given (4 inputs, grads on z1, z2)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU, order 4, "
+        f"median of {args.reps} (after 1 warm-up), forward+backward, teacher given (4 inputs, grads on z1, z2)"
+    )
     for shape in args.shapes:
         m, d = (int(v) for v in shape.lower().split("x"))
         g = torch.Generator().manual_seed(0)

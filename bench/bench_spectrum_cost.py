@@ -44,21 +44,36 @@ class StepClock(L.Callback):
         self.monitor = next((c for c in trainer.callbacks if isinstance(c, SpectrumMonitor)), None)
 
     def step_times(self, warmup: int) -> list[float]:
-        return [b - a for a, b in zip(self.starts[warmup:], self.starts[warmup + 1:])]
+        return [b - a for a, b in zip(self.starts[warmup:], self.starts[warmup + 1 :])]
 
 
 def run_arm(args, every: int) -> tuple[list[float], SpectrumMonitor | None]:
     torch.manual_seed(0)
-    method = MMCR(backbone={"name": "resnet10", "kwargs": {"cifar_stem": True, "width": args.width}},
-                  projector=[512, 128])
-    data = DataConfig(dataset="demo", batch_size=args.batch, views=args.views, view_mode="batched", in_memory=True,
-                      num_workers=0)
+    method = MMCR(
+        backbone={"name": "resnet10", "kwargs": {"cifar_stem": True, "width": args.width}}, projector=[512, 128]
+    )
+    data = DataConfig(
+        dataset="demo", batch_size=args.batch, views=args.views, view_mode="batched", in_memory=True, num_workers=0
+    )
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
-        trainer = TrainerConfig(out_dir=out, max_epochs=100, max_steps=args.steps, logger="csv", progress_bar=False,
-                                channels_last=True, log_every_n_steps=20)
-        pretrain(method, data, OptimConfig(name="adam", lr=1e-2, exclude_1d=False), trainer,
-                 MonitorConfig(every_n_epochs=0, spectrum_every_n_steps=every), extra_callbacks=[clock])
+        trainer = TrainerConfig(
+            out_dir=out,
+            max_epochs=100,
+            max_steps=args.steps,
+            logger="csv",
+            progress_bar=False,
+            channels_last=True,
+            log_every_n_steps=20,
+        )
+        pretrain(
+            method,
+            data,
+            OptimConfig(name="adam", lr=1e-2, exclude_1d=False),
+            trainer,
+            MonitorConfig(every_n_epochs=0, spectrum_every_n_steps=every),
+            extra_callbacks=[clock],
+        )
     return clock.step_times(args.warmup), clock.monitor
 
 
@@ -78,20 +93,30 @@ def main() -> None:
     times: dict[str, list[float]] = {"off": [], "on": []}
     per_call: list[float] = []
     for r in range(args.rounds):
-        for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
+        for arm in ("off", "on") if r % 2 == 0 else ("on", "off"):
             steps, monitor = run_arm(args, args.every if arm == "on" else 0)
             times[arm] += steps
             if monitor is not None and monitor.calls:
                 per_call.append(monitor.seconds / monitor.calls)
-            print(f"round {r} {arm:>3}: {statistics.mean(steps) * 1e3:8.1f} ms/step over {len(steps)} steps"
-                  + (f", monitor {monitor.calls} calls, {monitor.seconds / max(1, monitor.calls) * 1e3:.1f} ms/call"
-                     if monitor is not None else ""), flush=True)
+            print(
+                f"round {r} {arm:>3}: {statistics.mean(steps) * 1e3:8.1f} ms/step over {len(steps)} steps"
+                + (
+                    f", monitor {monitor.calls} calls, {monitor.seconds / max(1, monitor.calls) * 1e3:.1f} ms/call"
+                    if monitor is not None
+                    else ""
+                ),
+                flush=True,
+            )
     off, on = statistics.mean(times["off"]), statistics.mean(times["on"])
     call = statistics.mean(per_call) if per_call else float("nan")
-    print(f"step time: monitor off {off * 1e3:.1f} ms, on (every {args.every} steps) {on * 1e3:.1f} ms, "
-          f"ratio on/off {on / off:.4f}")
-    print(f"monitor: {call * 1e3:.2f} ms per computation; amortised over {args.every} steps = "
-          f"{100 * call / args.every / off:.3f}% of the step time (steady-state overhead)")
+    print(
+        f"step time: monitor off {off * 1e3:.1f} ms, on (every {args.every} steps) {on * 1e3:.1f} ms, "
+        f"ratio on/off {on / off:.4f}"
+    )
+    print(
+        f"monitor: {call * 1e3:.2f} ms per computation; amortised over {args.every} steps = "
+        f"{100 * call / args.every / off:.3f}% of the step time (steady-state overhead)"
+    )
 
 
 if __name__ == "__main__":

@@ -47,14 +47,21 @@ def bare_loop(method, images, bv, steps, warmup, batch, channels_last) -> float:
     for step in range(steps):
         if step == warmup:
             t0 = time.perf_counter()
-        x = images[step * batch % len(images):][:batch]
+        x = images[step * batch % len(images) :][:batch]
         gen.manual_seed(step)
         views = bv(x, generator=gen)
         if channels_last:
             b, v = views.shape[:2]
             views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
-        batch_in = Batch(views=views, labels=torch.zeros(batch, dtype=torch.long), indices=torch.arange(batch),
-                         step=step, max_steps=steps, epoch=0, generator=gen)
+        batch_in = Batch(
+            views=views,
+            labels=torch.zeros(batch, dtype=torch.long),
+            indices=torch.arange(batch),
+            step=step,
+            max_steps=steps,
+            epoch=0,
+            generator=gen,
+        )
         loss = method.training_loss(batch_in)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -65,14 +72,29 @@ def bare_loop(method, images, bv, steps, warmup, batch, channels_last) -> float:
 
 def selfsup_loop(method, images, labels, steps, warmup, args) -> float:
     ds = TensorImageDataset(images, labels)
-    data = DataConfig(dataset="tensor", batch_size=args.batch, views=args.views, view_mode="batched",
-                      in_memory=True, num_workers=0)
+    data = DataConfig(
+        dataset="tensor", batch_size=args.batch, views=args.views, view_mode="batched", in_memory=True, num_workers=0
+    )
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as out:
-        trainer = TrainerConfig(out_dir=out, max_epochs=1, max_steps=steps, logger="csv", progress_bar=False,
-                                channels_last=args.channels_last, log_every_n_steps=10)
-        pretrain(method, data, OptimConfig(name="adam", lr=1e-3, exclude_1d=False), trainer, MonitorConfig(every_n_epochs=0),
-                 extra_callbacks=[timer], train_dataset=ds)
+        trainer = TrainerConfig(
+            out_dir=out,
+            max_epochs=1,
+            max_steps=steps,
+            logger="csv",
+            progress_bar=False,
+            channels_last=args.channels_last,
+            log_every_n_steps=10,
+        )
+        pretrain(
+            method,
+            data,
+            OptimConfig(name="adam", lr=1e-3, exclude_1d=False),
+            trainer,
+            MonitorConfig(every_n_epochs=0),
+            extra_callbacks=[timer],
+            train_dataset=ds,
+        )
     return timer.n / (timer.t1 - timer.t0)
 
 
@@ -104,8 +126,11 @@ def main() -> None:
         ours = selfsup_loop(MMCR(backbone=backbone), images, labels, args.steps, args.warmup, args)
         ratios.append(ours / bare)
         views_per_step = args.batch * args.views
-        print(f"round {r}: bare PyTorch {bare:.3f} steps/s ({bare * views_per_step:.0f} views/s), "
-              f"selfsup {ours:.3f} steps/s ({ours * views_per_step:.0f} views/s), ratio {ours / bare:.3f}", flush=True)
+        print(
+            f"round {r}: bare PyTorch {bare:.3f} steps/s ({bare * views_per_step:.0f} views/s), "
+            f"selfsup {ours:.3f} steps/s ({ours * views_per_step:.0f} views/s), ratio {ours / bare:.3f}",
+            flush=True,
+        )
     print(f"selfsup / bare PyTorch step throughput: {sum(ratios) / len(ratios):.3f} (mean of {len(ratios)} rounds)")
 
 

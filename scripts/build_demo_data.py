@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     counts = build(args.source, args.out, {"train": args.train_per_class, "test": args.test_per_class}, args.seed)
     size = args.out.stat().st_size
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-          + f" images, {size:,} bytes ({size / 2**20:.2f} MiB)")
+    print(
+        f"wrote {args.out}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f" images, {size:,} bytes ({size / 2**20:.2f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ COMMIT = "d4212b6"
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "fixtures"
 
-RUN = r'''
+RUN = r"""
 import sys, torch
 from torch.utils.data import TensorDataset
 sys.path.insert(0, ".")
@@ -40,7 +40,7 @@ data = DataConfig(dataset="cifar10", batch_size=8, views=2, augment="cifar10", v
 pretrain(method, data, OptimConfig(name="adam", lr=1e-3), TrainerConfig(out_dir=out, max_epochs=1, logger="none",
          progress_bar=False, precision="32-true"), MonitorConfig(every_n_epochs=0),
          train_dataset=TensorDataset(images, labels))
-'''
+"""
 
 
 def main() -> None:

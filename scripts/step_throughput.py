@@ -29,8 +29,15 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    method = MMCR(backbone={"name": args.backbone, "kwargs": {"cifar_stem": True, "width": args.width}},
-                  projector=[256, 128], projector_last_bias=True).to(dev).to(memory_format=torch.channels_last)
+    method = (
+        MMCR(
+            backbone={"name": args.backbone, "kwargs": {"cifar_stem": True, "width": args.width}},
+            projector=[256, 128],
+            projector_last_bias=True,
+        )
+        .to(dev)
+        .to(memory_format=torch.channels_last)
+    )
     opt = torch.optim.Adam(method.parameters(), lr=1e-3, weight_decay=1e-6)
     views = BatchedViews("cifar_min", args.views)
     images = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=dev)
@@ -51,8 +58,9 @@ def main() -> None:
         v = views(images, generator=gen)
         v = v.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, v.shape[:2])
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = method.training_loss(Batch(v, torch.zeros(args.batch), torch.arange(args.batch), step,
-                                              args.steps, 0, gen))["loss"]
+            loss = method.training_loss(
+                Batch(v, torch.zeros(args.batch), torch.arange(args.batch), step, args.steps, 0, gen)
+            )["loss"]
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -60,8 +68,10 @@ def main() -> None:
     sync()
     dt = time.perf_counter() - t0
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"step throughput on {name} ({args.precision}): {args.backbone} width {args.width}, {args.views} views x "
-          f"{args.batch} images: {args.steps / dt:.2f} steps/s, {args.steps * args.views * args.batch / dt:.0f} views/s")
+    print(
+        f"step throughput on {name} ({args.precision}): {args.backbone} width {args.width}, {args.views} views x "
+        f"{args.batch} images: {args.steps / dt:.2f} steps/s, {args.steps * args.views * args.batch / dt:.0f} views/s"
+    )
 
 
 if __name__ == "__main__":

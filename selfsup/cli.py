@@ -84,9 +84,13 @@ def _pretrain_parser() -> ArgumentParser:
     p.add_class_arguments(OptimConfig, "optim")
     p.add_class_arguments(TrainerConfig, "trainer")
     p.add_class_arguments(MonitorConfig, "monitor")
-    p.add_argument("--protocol", type=Optional[ProtocolName], default=None,
-                   help="linear-probe protocol of this recipe (selfsup.eval.protocols), stored in the run config; "
-                        "`selfsup linear` uses it by default")
+    p.add_argument(
+        "--protocol",
+        type=Optional[ProtocolName],
+        default=None,
+        help="linear-probe protocol of this recipe (selfsup.eval.protocols), stored in the run config; "
+        "`selfsup linear` uses it by default",
+    )
     return p
 
 
@@ -96,14 +100,19 @@ def _eval_common(p: ArgumentParser) -> None:
     p.add_argument("--which", type=str, default="online", help=f"backbone to evaluate: {WHICH_HELP}")
     p.add_class_arguments(EvalData, "data")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--output", type=Optional[str], default=None,
-                   help="write the result JSON here (not overwritten); default: "
-                        "RUN_DIR/eval/<kind>-<checkpoint>[-N].json when the checkpoint lies in a run directory")
+    p.add_argument(
+        "--output",
+        type=Optional[str],
+        default=None,
+        help="write the result JSON here (not overwritten); default: "
+        "RUN_DIR/eval/<kind>-<checkpoint>[-N].json when the checkpoint lies in a run directory",
+    )
 
 
 def _knn_parser() -> ArgumentParser:
-    p = ArgumentParser(description="kNN accuracy of a backbone (cosine, top-k vote weighted by exp(sim/T)).",
-                       exit_on_error=False)
+    p = ArgumentParser(
+        description="kNN accuracy of a backbone (cosine, top-k vote weighted by exp(sim/T)).", exit_on_error=False
+    )
     _eval_common(p)
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.5)
@@ -111,37 +120,61 @@ def _knn_parser() -> ArgumentParser:
 
 
 def _linear_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Frozen linear probe (backbone in eval mode), selected on a held-out part of train. "
-                                   "A protocol preset gives every value; a flag given explicitly overrides it.",
-                       exit_on_error=False)
+    p = ArgumentParser(
+        description="Frozen linear probe (backbone in eval mode), selected on a held-out part of train. "
+        "A protocol preset gives every value; a flag given explicitly overrides it.",
+        exit_on_error=False,
+    )
     _eval_common(p)
-    p.add_argument("--protocol", type=Optional[ProtocolName], default=None,
-                   help="preset (selfsup.eval.protocols); default: the checkpoint's recipe protocol, else fast")
-    p.add_argument("--augmented", type=Optional[bool], default=None,
-                   help="a fresh augmented view every epoch (seeds) or cached features (default: the protocol's)")
+    p.add_argument(
+        "--protocol",
+        type=Optional[ProtocolName],
+        default=None,
+        help="preset (selfsup.eval.protocols); default: the checkpoint's recipe protocol, else fast",
+    )
+    p.add_argument(
+        "--augmented",
+        type=Optional[bool],
+        default=None,
+        help="a fresh augmented view every epoch (seeds) or cached features (default: the protocol's)",
+    )
     p.add_argument("--epochs", type=Optional[int], default=None, help="default: the protocol's")
     p.add_argument("--lrs", type=Optional[list[float]], default=None, help="lr grid (default: the protocol's)")
-    p.add_argument("--weight_decays", type=Optional[list[float]], default=None,
-                   help="weight-decay grid (default: the protocol's)")
+    p.add_argument(
+        "--weight_decays", type=Optional[list[float]], default=None, help="weight-decay grid (default: the protocol's)"
+    )
     p.add_argument("--optimizer", type=Optional[Literal["sgd", "adam", "lars"]], default=None)
     p.add_argument("--momentum", type=Optional[float], default=None)
     p.add_argument("--probe_batch_size", type=Optional[int], default=None, help="head mini-batch")
-    p.add_argument("--feature_norm", type=Optional[Literal["bn", "none"]], default=None,
-                   help="bn: BatchNorm1d(affine=False) before the linear layer; none: bare linear layer")
+    p.add_argument(
+        "--feature_norm",
+        type=Optional[Literal["bn", "none"]],
+        default=None,
+        help="bn: BatchNorm1d(affine=False) before the linear layer; none: bare linear layer",
+    )
     p.add_argument("--warmup_epochs", type=Optional[float], default=None)
-    p.add_argument("--scale_lr", type=Optional[Literal["none", "linear", "sqrt"]], default=None,
-                   help="scale the lrs by probe_batch_size / 256")
+    p.add_argument(
+        "--scale_lr",
+        type=Optional[Literal["none", "linear", "sqrt"]],
+        default=None,
+        help="scale the lrs by probe_batch_size / 256",
+    )
     p.add_argument("--val_fraction", type=Optional[float], default=None)
     p.add_argument("--seed", type=Optional[int], default=None)
-    p.add_argument("--pool", type=Optional[Literal["token", "avg"]], default=None,
-                   help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own "
-                        "(selfsup.eval.pool)")
+    p.add_argument(
+        "--pool",
+        type=Optional[Literal["token", "avg"]],
+        default=None,
+        help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own "
+        "(selfsup.eval.pool)",
+    )
     return p
 
 
 def _export_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Export the backbone as a torchvision state dict and safetensors.",
-                       exit_on_error=False)
+    p = ArgumentParser(
+        description="Export the backbone as a torchvision state dict and safetensors.", exit_on_error=False
+    )
     p.add_argument("--checkpoint", type=str, required=True)
     p.add_argument("--out", type=str, required=True, help="output directory")
     p.add_argument("--which", type=str, default="online", help=f"backbone to export: {WHICH_HELP}")
@@ -150,8 +183,11 @@ def _export_parser() -> ArgumentParser:
 
 
 def _reconstruct_parser() -> ArgumentParser:
-    p = ArgumentParser(description="PNG grid of an MAE / CAN / IMLE checkpoint's reconstructions: one test image per row, "
-                                   "columns original, masked, reconstruction.", exit_on_error=False)
+    p = ArgumentParser(
+        description="PNG grid of an MAE / CAN / IMLE checkpoint's reconstructions: one test image per row, "
+        "columns original, masked, reconstruction.",
+        exit_on_error=False,
+    )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--checkpoint", type=str, required=True, help="a selfsup .ckpt of MAE, CAN or IMLE")
     p.add_class_arguments(EvalData, "data")
@@ -160,15 +196,20 @@ def _reconstruct_parser() -> ArgumentParser:
     p.add_argument("--mask_ratio", type=Optional[float], default=None, help="default: the method's")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour magnification of every panel")
-    p.add_argument("--codes", type=int, default=1,
-                   help="IMLE: one reconstruction column per random latent code (same image, same mask)")
+    p.add_argument(
+        "--codes",
+        type=int,
+        default=1,
+        help="IMLE: one reconstruction column per random latent code (same image, same mask)",
+    )
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, or auto")
     return p
 
 
 def _demo_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Pretrain MMCR on the CIFAR-10 sample shipped in the package and evaluate it.",
-                       exit_on_error=False)
+    p = ArgumentParser(
+        description="Pretrain MMCR on the CIFAR-10 sample shipped in the package and evaluate it.", exit_on_error=False
+    )
     p.add_argument("--out_dir", type=Optional[str], default=None, help="default: runs/demo-<time>")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--progress_bar", type=bool, default=True)
@@ -205,8 +246,9 @@ def run_pretrain(argv: list[str], extra_callbacks=()) -> dict:
 
     config = json.loads(parser.dump(cfg, format="json"))
     config.pop("config", None)
-    result = pretrain(init.method, init.data, init.optim, init.trainer, init.monitor, config=config,
-                      extra_callbacks=extra_callbacks)
+    result = pretrain(
+        init.method, init.data, init.optim, init.trainer, init.monitor, config=config, extra_callbacks=extra_callbacks
+    )
     result.pop("module", None)
     print(json.dumps(result, indent=2))
     return result
@@ -276,12 +318,23 @@ def eval_data_config(d: EvalData, meta: dict, checkpoint: str) -> DataConfig:
     trained = meta.get("config", {}).get("data", {}) if dataset == meta.get("dataset") else {}
     overrides = meta.get("config", {}).get("data", {}).get("augment_overrides") if not d.augment else None
     n_way = d.n_way if d.n_way is not None else trained.get("n_way")
-    return DataConfig(dataset=dataset, root=root, download=d.download, bank_split=d.train_split,
-                      augment_overrides=overrides, n_way=None if n_way == -1 else n_way,
-                      class_pick=d.class_pick or trained.get("class_pick") or "even",
-                      subset_seed=d.subset_seed if d.subset_seed is not None else trained.get("subset_seed", 0),
-                      test_split=d.test_split, class_list=d.class_list, augment=augment, in_memory=d.in_memory,
-                      image_size=d.image_size, num_workers=d.num_workers, skip_corrupt=d.skip_corrupt)
+    return DataConfig(
+        dataset=dataset,
+        root=root,
+        download=d.download,
+        bank_split=d.train_split,
+        augment_overrides=overrides,
+        n_way=None if n_way == -1 else n_way,
+        class_pick=d.class_pick or trained.get("class_pick") or "even",
+        subset_seed=d.subset_seed if d.subset_seed is not None else trained.get("subset_seed", 0),
+        test_split=d.test_split,
+        class_list=d.class_list,
+        augment=augment,
+        in_memory=d.in_memory,
+        image_size=d.image_size,
+        num_workers=d.num_workers,
+        skip_corrupt=d.skip_corrupt,
+    )
 
 
 def on_device(backbone, device):
@@ -289,8 +342,9 @@ def on_device(backbone, device):
     return backbone.to(device)
 
 
-def _write_output(path: Optional[str], result: dict, kind: Optional[str] = None,
-                  checkpoint: Optional[str] = None) -> Optional[Path]:
+def _write_output(
+    path: Optional[str], result: dict, kind: Optional[str] = None, checkpoint: Optional[str] = None
+) -> Optional[Path]:
     """Print ``result``; write it to ``path`` (never overwritten), else, when ``checkpoint`` lies in a run directory,
     to ``RUN_DIR/eval/<kind>-<checkpoint>[-N].json`` (:func:`selfsup.eval.results.write_eval_result`)."""
     text = json.dumps(result, indent=2)
@@ -333,8 +387,16 @@ def run_knn(argv: list[str]) -> dict:
     bank_f, bank_y, c = _features(backbone, data, data.bank_split, cfg.data.batch_size, device)
     test_f, test_y, _ = _features(backbone, data, data.test_split, cfg.data.batch_size, device)
     acc = knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=c, k=cfg.k, temperature=cfg.temperature)
-    result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "k": cfg.k, "temperature": cfg.temperature,
-              "bank": int(bank_y.numel()), "test": int(test_y.numel()), **acc, "seconds": round(time.time() - t0, 2)}
+    result = {
+        "checkpoint": cfg.checkpoint,
+        "dataset": data.dataset,
+        "k": cfg.k,
+        "temperature": cfg.temperature,
+        "bank": int(bank_y.numel()),
+        "test": int(test_y.numel()),
+        **acc,
+        "seconds": round(time.time() - t0, 2),
+    }
     _write_output(cfg.output, result, kind="knn", checkpoint=cfg.checkpoint)
     return result
 
@@ -345,10 +407,21 @@ def linear_protocol(cfg, meta: dict):
     from selfsup.eval.protocols import resolve
 
     name = cfg.protocol or (meta.get("config") or {}).get("protocol") or "fast"
-    return resolve(name, augmented=cfg.augmented, epochs=cfg.epochs, lrs=cfg.lrs, weight_decays=cfg.weight_decays,
-                   optimizer=cfg.optimizer, momentum=cfg.momentum, batch_size=cfg.probe_batch_size,
-                   feature_norm=cfg.feature_norm, warmup_epochs=cfg.warmup_epochs, scale_lr=cfg.scale_lr,
-                   val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return resolve(
+        name,
+        augmented=cfg.augmented,
+        epochs=cfg.epochs,
+        lrs=cfg.lrs,
+        weight_decays=cfg.weight_decays,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        batch_size=cfg.probe_batch_size,
+        feature_norm=cfg.feature_norm,
+        warmup_epochs=cfg.warmup_epochs,
+        scale_lr=cfg.scale_lr,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
 
 
 def run_linear(argv: list[str]) -> dict:
@@ -367,22 +440,37 @@ def run_linear(argv: list[str]) -> dict:
 
         from selfsup.data.build import build_eval_dataset, num_classes, train_augmented_dataset
 
-        train_data = dataclasses.replace(data, augment_overrides=protocol.train_augment_overrides(data.augment_overrides))
+        train_data = dataclasses.replace(
+            data, augment_overrides=protocol.train_augment_overrides(data.augment_overrides)
+        )
         train_ds = train_augmented_dataset(train_data, data.bank_split)
         val_ds = build_eval_dataset(data, data.bank_split)
         test_ds = build_eval_dataset(data, data.test_split)
-        res = linear_probe_augmented(backbone, train_ds, test_ds, num_classes(val_ds), protocol.probe,
-                                     val_dataset=val_ds, device=device,
-                                     num_workers=0 if data.in_memory else data.num_workers,
-                                     eval_batch_size=cfg.data.batch_size)
+        res = linear_probe_augmented(
+            backbone,
+            train_ds,
+            test_ds,
+            num_classes(val_ds),
+            protocol.probe,
+            val_dataset=val_ds,
+            device=device,
+            num_workers=0 if data.in_memory else data.num_workers,
+            eval_batch_size=cfg.data.batch_size,
+        )
     else:
         train_f, train_y, c = _features(backbone, data, data.bank_split, cfg.data.batch_size, device)
         test_f, test_y, _ = _features(backbone, data, data.test_split, cfg.data.batch_size, device)
         res = linear_probe_cached(train_f, train_y, test_f, test_y, c, protocol.probe, device=device)
-    result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "protocol": protocol.name,
-              "augmented": protocol.augmented, "train_augment": protocol.train_augment,
-              "pool": current_pool(backbone), **res.to_dict(),
-              "total_seconds": round(time.time() - t0, 2)}
+    result = {
+        "checkpoint": cfg.checkpoint,
+        "dataset": data.dataset,
+        "protocol": protocol.name,
+        "augmented": protocol.augmented,
+        "train_augment": protocol.train_augment,
+        "pool": current_pool(backbone),
+        **res.to_dict(),
+        "total_seconds": round(time.time() - t0, 2),
+    }
     _write_output(cfg.output, result, kind="linear", checkpoint=cfg.checkpoint)
     return result
 
@@ -404,8 +492,17 @@ def run_reconstruct(argv: list[str]) -> dict:
     from selfsup.reconstruct import reconstruct
 
     with reading_checkpoint(cfg.checkpoint):
-        result = reconstruct(cfg.checkpoint, cfg.output, data, num_images=cfg.num_images, mask_ratio=cfg.mask_ratio,
-                             seed=cfg.seed, upscale=cfg.upscale, device=device, codes=cfg.codes)
+        result = reconstruct(
+            cfg.checkpoint,
+            cfg.output,
+            data,
+            num_images=cfg.num_images,
+            mask_ratio=cfg.mask_ratio,
+            seed=cfg.seed,
+            upscale=cfg.upscale,
+            device=device,
+            codes=cfg.codes,
+        )
     print(json.dumps(result, indent=2))
     return result
 
@@ -423,19 +520,33 @@ def _finetune_parser() -> ArgumentParser:
 
     from selfsup.eval.finetune import FinetuneConfig
 
-    p = ArgumentParser(description="Fine-tune a backbone end to end with a new linear head (layer-wise lr decay, mixup / "
-                                   "cutmix, label smoothing, drop path, RandAugment), selected on a held-out part of "
-                                   "train. A protocol preset gives every value; a flag given explicitly overrides it.",
-                       exit_on_error=False)
+    p = ArgumentParser(
+        description="Fine-tune a backbone end to end with a new linear head (layer-wise lr decay, mixup / "
+        "cutmix, label smoothing, drop path, RandAugment), selected on a held-out part of "
+        "train. A protocol preset gives every value; a flag given explicitly overrides it.",
+        exit_on_error=False,
+    )
     _eval_common(p)
-    p.add_argument("--protocol", type=Optional[FinetuneProtocolName], default=None,
-                   help="preset (selfsup.eval.protocols.FINETUNE_PROTOCOLS); default: fast")
-    p.add_argument("--amp", type=Literal["auto", "none", "bf16", "fp16"], default="auto",
-                   help="autocast dtype; auto: bf16 on a CUDA device that supports it, else fp32")
+    p.add_argument(
+        "--protocol",
+        type=Optional[FinetuneProtocolName],
+        default=None,
+        help="preset (selfsup.eval.protocols.FINETUNE_PROTOCOLS); default: fast",
+    )
+    p.add_argument(
+        "--amp",
+        type=Literal["auto", "none", "bf16", "fp16"],
+        default="auto",
+        help="autocast dtype; auto: bf16 on a CUDA device that supports it, else fp32",
+    )
     hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):  # one override per FinetuneConfig field
-        p.add_argument(f"--{f.name}", type=Optional[hints[f.name]], default=None,
-                       help="default: the protocol's (selfsup.eval.finetune.FinetuneConfig)")
+        p.add_argument(
+            f"--{f.name}",
+            type=Optional[hints[f.name]],
+            default=None,
+            help="default: the protocol's (selfsup.eval.finetune.FinetuneConfig)",
+        )
     return p
 
 
@@ -449,28 +560,43 @@ def run_finetune(argv: list[str]) -> dict:
 
     cfg = _finetune_parser().parse_args(argv)
     _check_output_free(cfg.output)
-    protocol = resolve_finetune(cfg.protocol or "fast",
-                                **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)})
+    protocol = resolve_finetune(
+        cfg.protocol or "fast", **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    )
     with reading_checkpoint(cfg.checkpoint):
         backbone, spec = prepare_backbone(cfg.checkpoint, protocol.config, cfg.which)
         meta = checkpoint_meta(cfg.checkpoint)
     data = eval_data_config(cfg.data, meta, cfg.checkpoint)
     t0 = time.time()
-    res = finetune_on_data(backbone, data, protocol.config, device=_device(cfg.device), amp=cfg.amp,
-                           eval_batch_size=cfg.data.batch_size)
-    result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "protocol": protocol.name, "backbone": spec,
-              **res.to_dict(), "total_seconds": round(time.time() - t0, 2)}
+    res = finetune_on_data(
+        backbone, data, protocol.config, device=_device(cfg.device), amp=cfg.amp, eval_batch_size=cfg.data.batch_size
+    )
+    result = {
+        "checkpoint": cfg.checkpoint,
+        "dataset": data.dataset,
+        "protocol": protocol.name,
+        "backbone": spec,
+        **res.to_dict(),
+        "total_seconds": round(time.time() - t0, 2),
+    }
     _write_output(cfg.output, result, kind="finetune", checkpoint=cfg.checkpoint)
     return result
 
 
 def _report_parser() -> ArgumentParser:
-    p = ArgumentParser(description="PNG plots and one self-contained HTML page of one or several pretraining runs "
-                                   "(losses, lr, kNN, effective rank, singular-value spectra, config, eval results); "
-                                   "works on a run that is still going or was killed.", exit_on_error=False)
+    p = ArgumentParser(
+        description="PNG plots and one self-contained HTML page of one or several pretraining runs "
+        "(losses, lr, kNN, effective rank, singular-value spectra, config, eval results); "
+        "works on a run that is still going or was killed.",
+        exit_on_error=False,
+    )
     p.add_argument("run_dirs", nargs="+", type=str, help="run directories (trainer.out_dir of selfsup pretrain)")
-    p.add_argument("--out", type=Optional[str], default=None,
-                   help="output directory; default RUN_DIR/report for one run, reports/<a>-vs-<b> for several")
+    p.add_argument(
+        "--out",
+        type=Optional[str],
+        default=None,
+        help="output directory; default RUN_DIR/report for one run, reports/<a>-vs-<b> for several",
+    )
     return p
 
 
@@ -484,13 +610,20 @@ def run_report(argv: list[str]) -> dict:
 
 
 def _select_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Score every checkpoint of a run on a held-out part of the train split (never the "
-                                   "test split; rankme needs no labels), pick one, and report the test score of the "
-                                   "pick and of last.ckpt side by side.", exit_on_error=False)
+    p = ArgumentParser(
+        description="Score every checkpoint of a run on a held-out part of the train split (never the "
+        "test split; rankme needs no labels), pick one, and report the test score of the "
+        "pick and of last.ckpt side by side.",
+        exit_on_error=False,
+    )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("run_dir", type=str, help="run directory (trainer.out_dir of selfsup pretrain)")
-    p.add_argument("--by", type=Literal["knn", "linear", "rankme"], default="knn",
-                   help="knn: held-out kNN top-1; linear: held-out linear-probe top-1; rankme: RankMe of features")
+    p.add_argument(
+        "--by",
+        type=Literal["knn", "linear", "rankme"],
+        default="knn",
+        help="knn: held-out kNN top-1; linear: held-out linear-probe top-1; rankme: RankMe of features",
+    )
     p.add_argument("--which", type=str, default="online", help=f"backbone to score: {WHICH_HELP}")
     p.add_class_arguments(EvalData, "data")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, or auto")
@@ -499,15 +632,27 @@ def _select_parser() -> ArgumentParser:
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--rankme_images", type=int, default=2000, help="train images RankMe is computed on")
-    p.add_argument("--protocol", type=Optional[ProtocolName], default=None,
-                   help="--by linear: a cached probe preset (default fast); --epochs / --lrs override it")
+    p.add_argument(
+        "--protocol",
+        type=Optional[ProtocolName],
+        default=None,
+        help="--by linear: a cached probe preset (default fast); --epochs / --lrs override it",
+    )
     p.add_argument("--epochs", type=Optional[int], default=None, help="--by linear: probe epochs")
     p.add_argument("--lrs", type=Optional[list[float]], default=None, help="--by linear: probe lr grid")
     p.add_argument("--test_scores", type=bool, default=True, help="score the pick and last.ckpt on the test split")
-    p.add_argument("--diagnostic_best_on_test", type=bool, default=False,
-                   help="also score every checkpoint on test and show the best, labelled a diagnostic (never picked)")
-    p.add_argument("--output", type=Optional[str], default=None,
-                   help="write the result JSON here (not overwritten); default RUN_DIR/eval/select-<by>[-N].json")
+    p.add_argument(
+        "--diagnostic_best_on_test",
+        type=bool,
+        default=False,
+        help="also score every checkpoint on test and show the best, labelled a diagnostic (never picked)",
+    )
+    p.add_argument(
+        "--output",
+        type=Optional[str],
+        default=None,
+        help="write the result JSON here (not overwritten); default RUN_DIR/eval/select-<by>[-N].json",
+    )
     return p
 
 
@@ -525,15 +670,27 @@ def run_select(argv: list[str]) -> dict:
     data = eval_data_config(cfg.data, meta, newest)
     protocol = resolve(cfg.protocol or "fast", epochs=cfg.epochs, lrs=cfg.lrs)
     if cfg.by == "linear" and protocol.augmented:
-        raise ValueError(f"select --by linear trains on cached features; protocol '{protocol.name}' is augmented: "
-                         "choose a cached one (e.g. fast)")
-    opts = SelectOptions(by=cfg.by, which=cfg.which, val_fraction=cfg.val_fraction, seed=cfg.seed, k=cfg.k,
-                         temperature=cfg.temperature, rankme_images=cfg.rankme_images, probe=protocol.probe,
-                         test_scores=cfg.test_scores, diagnostic_best_on_test=cfg.diagnostic_best_on_test,
-                         batch_size=cfg.data.batch_size)
+        raise ValueError(
+            f"select --by linear trains on cached features; protocol '{protocol.name}' is augmented: "
+            "choose a cached one (e.g. fast)"
+        )
+    opts = SelectOptions(
+        by=cfg.by,
+        which=cfg.which,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        rankme_images=cfg.rankme_images,
+        probe=protocol.probe,
+        test_scores=cfg.test_scores,
+        diagnostic_best_on_test=cfg.diagnostic_best_on_test,
+        batch_size=cfg.data.batch_size,
+    )
     with reading_checkpoint(cfg.run_dir):
-        result = select_checkpoint(cfg.run_dir, data, opts, device=_device(cfg.device),
-                                   log=lambda msg: print(msg, file=sys.stderr))
+        result = select_checkpoint(
+            cfg.run_dir, data, opts, device=_device(cfg.device), log=lambda msg: print(msg, file=sys.stderr)
+        )
     if cfg.output:
         _write_output(cfg.output, result)
     else:
@@ -546,14 +703,20 @@ def run_select(argv: list[str]) -> dict:
 def _fewshot_parser() -> ArgumentParser:
     from selfsup.eval.fewshot import FewShotConfig
 
-    p = ArgumentParser(description="Few-shot accuracy of a frozen backbone: seeded n-way n-shot episodes (support from "
-                                   "--data.train_split, queries from --data.test_split), a nearest-prototype or linear "
-                                   "classifier per episode, the mean accuracy with its 95% interval.",
-                       exit_on_error=False)
+    p = ArgumentParser(
+        description="Few-shot accuracy of a frozen backbone: seeded n-way n-shot episodes (support from "
+        "--data.train_split, queries from --data.test_split), a nearest-prototype or linear "
+        "classifier per episode, the mean accuracy with its 95% interval.",
+        exit_on_error=False,
+    )
     _eval_common(p)
     p.add_class_arguments(FewShotConfig, "fewshot")
-    p.add_argument("--pool", type=Optional[Literal["token", "avg"]], default=None,
-                   help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own")
+    p.add_argument(
+        "--pool",
+        type=Optional[Literal["token", "avg"]],
+        default=None,
+        help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own",
+    )
     return p
 
 
@@ -571,19 +734,42 @@ def run_fewshot(argv: list[str]) -> dict:
     support = build_eval_dataset(data, data.bank_split)
     query = support if data.test_split == data.bank_split else build_eval_dataset(data, data.test_split)
     augmented = train_augmented_dataset(data, data.bank_split) if fs.augs_per_image > 0 else None
-    res = few_shot_eval(backbone, support, query, fs, support_augmented=augmented, device=device,
-                        batch_size=cfg.data.batch_size, num_workers=0 if data.in_memory else data.num_workers)
+    res = few_shot_eval(
+        backbone,
+        support,
+        query,
+        fs,
+        support_augmented=augmented,
+        device=device,
+        batch_size=cfg.data.batch_size,
+        num_workers=0 if data.in_memory else data.num_workers,
+    )
     print(res.summary, file=sys.stderr)
-    result = {"checkpoint": cfg.checkpoint, "dataset": data.dataset, "support_split": data.bank_split,
-              "query_split": data.test_split, "pool": current_pool(backbone), **res.to_dict(),
-              "total_seconds": round(time.time() - t0, 2)}
+    result = {
+        "checkpoint": cfg.checkpoint,
+        "dataset": data.dataset,
+        "support_split": data.bank_split,
+        "query_split": data.test_split,
+        "pool": current_pool(backbone),
+        **res.to_dict(),
+        "total_seconds": round(time.time() - t0, 2),
+    }
     _write_output(cfg.output, result, kind="fewshot", checkpoint=cfg.checkpoint)
     return result
 
 
-COMMANDS = {"demo": run_demo, "pretrain": run_pretrain, "knn": run_knn, "linear": run_linear, "export": run_export,
-            "reconstruct": run_reconstruct, "finetune": run_finetune, "report": run_report, "select": run_select,
-            "fewshot": run_fewshot}
+COMMANDS = {
+    "demo": run_demo,
+    "pretrain": run_pretrain,
+    "knn": run_knn,
+    "linear": run_linear,
+    "export": run_export,
+    "reconstruct": run_reconstruct,
+    "finetune": run_finetune,
+    "report": run_report,
+    "select": run_select,
+    "fewshot": run_fewshot,
+}
 
 
 def _one_line(e: BaseException) -> str:
@@ -606,8 +792,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ArgumentError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError,
-            CorruptImageError) as e:
+    except (ArgumentError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, CorruptImageError) as e:
         print(f"selfsup {argv[0]}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0

@@ -23,11 +23,20 @@ DEMO_BACKBONE = {"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 32}
 
 
 def demo_configs(out_dir: str, epochs: int, progress_bar: bool = True):
-    data = DataConfig(dataset="demo", batch_size=64, views=4, augment="cifar10", view_mode="batched",
-                      in_memory=True, num_workers=0)
+    data = DataConfig(
+        dataset="demo", batch_size=64, views=4, augment="cifar10", view_mode="batched", in_memory=True, num_workers=0
+    )
     optim = OptimConfig(name="adam", lr=2e-3, weight_decay=1e-6, exclude_1d=False, schedule="cosine", warmup_epochs=0.5)
-    trainer = TrainerConfig(out_dir=out_dir, max_epochs=epochs, channels_last=True, logger="csv", precision="auto",
-                            progress_bar=progress_bar, log_every_n_steps=10, save_every_n_epochs=epochs)
+    trainer = TrainerConfig(
+        out_dir=out_dir,
+        max_epochs=epochs,
+        channels_last=True,
+        logger="csv",
+        precision="auto",
+        progress_bar=progress_bar,
+        log_every_n_steps=10,
+        save_every_n_epochs=epochs,
+    )
     monitor = MonitorConfig(every_n_epochs=0)
     return data, optim, trainer, monitor
 
@@ -40,10 +49,20 @@ def evaluate(backbone: torch.nn.Module, data: DataConfig, probe_epochs: int = 30
     bank_f, bank_y = extract_features(backbone, DataLoader(bank, batch_size=500))
     test_f, test_y = extract_features(backbone, DataLoader(test, batch_size=500))
     knn = knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=c, k=200, temperature=0.5)
-    probe = linear_probe_cached(bank_f, bank_y, test_f, test_y, c,
-                                ProbeConfig(epochs=probe_epochs, lrs=(0.1, 1.0), weight_decays=(0.0,), batch_size=256))
-    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "linear_top1": probe.test_top1,
-            "linear_top5": probe.test_top5}
+    probe = linear_probe_cached(
+        bank_f,
+        bank_y,
+        test_f,
+        test_y,
+        c,
+        ProbeConfig(epochs=probe_epochs, lrs=(0.1, 1.0), weight_decays=(0.0,), batch_size=256),
+    )
+    return {
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+        "linear_top1": probe.test_top1,
+        "linear_top5": probe.test_top5,
+    }
 
 
 def demo(out_dir: Optional[str] = None, epochs: int = 10, progress_bar: bool = True, seed: int = 0) -> dict:
@@ -53,15 +72,21 @@ def demo(out_dir: Optional[str] = None, epochs: int = 10, progress_bar: bool = T
     out_dir = out_dir or str(Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
     data, optim, trainer, monitor = demo_configs(out_dir, epochs, progress_bar)
     method = MMCR(backbone=DEMO_BACKBONE, projector=[512, 128])
-    print(f"selfsup demo: MMCR, {DEMO_BACKBONE['name']} (width {DEMO_BACKBONE['kwargs']['width']}, CIFAR stem), "
-          f"{data.views} views x {data.batch_size} images, {epochs} epochs on the shipped CIFAR-10 sample; run dir {out_dir}")
+    print(
+        f"selfsup demo: MMCR, {DEMO_BACKBONE['name']} (width {DEMO_BACKBONE['kwargs']['width']}, CIFAR stem), "
+        f"{data.views} views x {data.batch_size} images, {epochs} epochs on the shipped CIFAR-10 sample; run dir {out_dir}"
+    )
     t0 = time.time()
     before = evaluate(method.backbone, data)
     result = pretrain(method, data, optim, trainer, monitor)
     after = evaluate(method.backbone, data)
     minutes = (time.time() - t0) / 60
-    rows = [("kNN top-1", "knn_top1"), ("kNN top-5", "knn_top5"), ("linear top-1", "linear_top1"),
-            ("linear top-5", "linear_top5")]
+    rows = [
+        ("kNN top-1", "knn_top1"),
+        ("kNN top-5", "knn_top5"),
+        ("linear top-1", "linear_top1"),
+        ("linear top-5", "linear_top5"),
+    ]
     print("\n                 random init   MMCR")
     for label, key in rows:
         print(f"  {label:<14} {before[key]:10.2f}%  {after[key]:6.2f}%")

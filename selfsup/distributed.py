@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_dist", "world_size", "rank", "gather", "all_gather_variable"]
+__all__ = ["all_gather_variable", "gather", "is_dist", "rank", "world_size"]
 
 _MAX_DIMS = 15  # shapes are exchanged in a fixed-width vector so ranks never mismatch
 

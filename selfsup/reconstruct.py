@@ -34,7 +34,7 @@ from selfsup.losses.mae import NORM_PIX_EPS
 from selfsup.methods.mae import MAE
 from selfsup.models.masked_vit import Masking, patchify, random_masking, unpatchify
 
-__all__ = ["load_method", "reconstruction_panels", "reconstruct"]
+__all__ = ["load_method", "reconstruct", "reconstruction_panels"]
 
 
 def load_method(checkpoint: str | os.PathLike) -> tuple[MAE, dict]:
@@ -55,13 +55,15 @@ def load_method(checkpoint: str | os.PathLike) -> tuple[MAE, dict]:
     except (ImportError, AttributeError) as e:
         raise ValueError(f"'{path}' was trained with {class_path}, which cannot be imported: {e}") from e
     if not (isinstance(cls, type) and issubclass(cls, MAE)):
-        raise ValueError(f"'{path}' holds a {meta.get('method', name)} checkpoint; reconstruct needs MAE, CAN or IMLE "
-                         "(a method with a pixel decoder)")
+        raise ValueError(
+            f"'{path}' holds a {meta.get('method', name)} checkpoint; reconstruct needs MAE, CAN or IMLE "
+            "(a method with a pixel decoder)"
+        )
     init_args = dict(spec.get("init_args") or {})
     init_args.pop("init_from", None)  # the checkpoint's own weights replace them
     method = cls(**init_args)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k[len("method."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("method.")}
+    state = {k[len("method.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("method.")}
     missing, unexpected = method.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"weights in '{path}' do not match {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -69,8 +71,9 @@ def load_method(checkpoint: str | os.PathLike) -> tuple[MAE, dict]:
 
 
 @torch.no_grad()
-def reconstruction_panels(method: MAE, imgs: Tensor, masking: Masking,
-                          pred: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def reconstruction_panels(
+    method: MAE, imgs: Tensor, masking: Masking, pred: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """``(masked, reconstruction)`` of normalised ``imgs [N, C, H, W]``, both ``[N, C, H, W]`` in the same
     (normalised) units; the masked panel holds ``nan`` where patches were removed. ``pred [N, L, p² C]``: given
     predictions (default: the method's)."""
@@ -87,9 +90,17 @@ def reconstruction_panels(method: MAE, imgs: Tensor, masking: Masking,
     return masked, recon
 
 
-def reconstruct(checkpoint: str | os.PathLike, output: str | os.PathLike, data, num_images: int = 8,
-                mask_ratio: Optional[float] = None, seed: int = 0, upscale: int = 1,
-                device: Optional[torch.device] = None, codes: int = 1) -> dict[str, Any]:
+def reconstruct(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    data,
+    num_images: int = 8,
+    mask_ratio: Optional[float] = None,
+    seed: int = 0,
+    upscale: int = 1,
+    device: Optional[torch.device] = None,
+    codes: int = 1,
+) -> dict[str, Any]:
     """Write the grid of ``num_images`` test images of ``data`` (a ``DataConfig``) to the PNG ``output``.
 
     Masks come from a generator seeded with ``seed`` (the same grid every time); ``mask_ratio`` defaults to the
@@ -106,8 +117,10 @@ def reconstruct(checkpoint: str | os.PathLike, output: str | os.PathLike, data, 
         raise ValueError(f"num_images, upscale and codes must be >= 1, got {num_images}, {upscale}, {codes}")
     method, _ = load_method(checkpoint)
     if codes > 1 and getattr(method, "latent", None) is None:
-        raise ValueError(f"--codes {codes}: this {type(method).__name__} checkpoint has no latent codes "
-                         "(IMLE with ignore_codes false has); use --codes 1")
+        raise ValueError(
+            f"--codes {codes}: this {type(method).__name__} checkpoint has no latent codes "
+            "(IMLE with ignore_codes false has); use --codes 1"
+        )
     device = device or torch.device("cpu")
     method = method.to(device)
     source = DataSource(data)
@@ -116,8 +129,10 @@ def reconstruct(checkpoint: str | os.PathLike, output: str | os.PathLike, data, 
     n = min(num_images, len(ds))
     imgs = torch.stack([ds[i][0] for i in range(n)]).to(device)
     if imgs.shape[-1] != method.backbone.patch_embed.img_size[-1]:
-        raise ValueError(f"the eval images are {tuple(imgs.shape[-2:])} but the model takes "
-                         f"{tuple(method.backbone.patch_embed.img_size)}; pass --data.augment with that crop size")
+        raise ValueError(
+            f"the eval images are {tuple(imgs.shape[-2:])} but the model takes "
+            f"{tuple(method.backbone.patch_embed.img_size)}; pass --data.augment with that crop size"
+        )
     ratio = method.mask_ratio if mask_ratio is None else float(mask_ratio)
     gen = torch.Generator(device=device).manual_seed(seed)
     masking = random_masking(n, method.num_patches, ratio, gen)
@@ -141,5 +156,11 @@ def reconstruct(checkpoint: str | os.PathLike, output: str | os.PathLike, data, 
     out.parent.mkdir(parents=True, exist_ok=True)
     image = make_grid(grid.cpu(), nrow=len(panels), padding=2, pad_value=1.0)
     save_image(image, str(out))
-    return {"output": str(out), "images": n, "mask_ratio": ratio, "codes": codes, "size": [int(image.shape[2]), int(image.shape[1])],
-            "loss": loss}
+    return {
+        "output": str(out),
+        "images": n,
+        "mask_ratio": ratio,
+        "codes": codes,
+        "size": [int(image.shape[2]), int(image.shape[1])],
+        "loss": loss,
+    }

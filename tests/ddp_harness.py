@@ -7,9 +7,10 @@ import contextlib
 import os
 import socket
 import traceback
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_spawned(worker: Callable[[int, int, str], None], world: int, out_dir: Path,
-                timeout: float = 120) -> list[dict[str, Any]]:
+def run_spawned(
+    worker: Callable[[int, int, str], None], world: int, out_dir: Path, timeout: float = 120
+) -> list[dict[str, Any]]:
     """Run ``worker`` on ``world`` spawned ranks and return each rank's saved result, in rank order."""
     ctx = mp.get_context("spawn")
     port = free_port()

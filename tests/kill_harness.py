@@ -33,5 +33,6 @@ def pretrain_killed_at(step: int, args: list[str], workdir: Path) -> subprocess.
     script = workdir / "killer.py"
     script.write_text(textwrap.dedent(KILLER))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(script), str(step), *args], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(script), str(step), *args], capture_output=True, text=True, timeout=600, env=env, cwd=REPO
+    )

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from kill_harness import pretrain_killed_at
 from PIL import Image
 
-from kill_harness import pretrain_killed_at
 from selfsup.cli import main
 from selfsup.losses import info_nce_loss, mae_loss
 from selfsup.methods import CAN, Batch
@@ -37,8 +37,15 @@ def _views(path) -> torch.Tensor:
 
 
 def _batch(views, seed=0):
-    return Batch(views=views, labels=torch.full((B,), -1), indices=torch.arange(B), step=0, max_steps=10, epoch=0,
-                 generator=torch.Generator().manual_seed(seed))
+    return Batch(
+        views=views,
+        labels=torch.full((B,), -1),
+        indices=torch.arange(B),
+        step=0,
+        max_steps=10,
+        epoch=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _patch_means(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +53,7 @@ def _patch_means(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(x.shape[0], L)
     for i in range(4):
         for j in range(4):
-            out[:, 4 * i + j] = x[:, :, P * i:P * (i + 1), P * j:P * (j + 1)].pow(2).mean(dim=(1, 2, 3))
+            out[:, 4 * i + j] = x[:, :, P * i : P * (i + 1), P * j : P * (j + 1)].pow(2).mean(dim=(1, 2, 3))
     return out
 
 
@@ -113,7 +120,7 @@ def test_total_loss_weights_and_infonce_on_pooled_kept_tokens(cifar_slice):
     for pool_cls in (False, True):
         m = _can(pool_cls=pool_cls)
         seen = {}
-        m.backbone.norm.register_forward_hook(lambda mod, args, out: seen.__setitem__("tokens", out))
+        m.backbone.norm.register_forward_hook(lambda mod, args, out, seen=seen: seen.__setitem__("tokens", out))
         out = m.training_loss(_batch(views, seed=3))
         tokens = seen["tokens"]  # [2B, 1 + K, D], cls first
         pooled = tokens.mean(1) if pool_cls else tokens[:, 1:].mean(1)
@@ -142,8 +149,17 @@ def test_norm_pix_reconstruction_term_is_mae_loss_of_the_clean_views(cifar_slice
 def test_can_rejects_bad_input_by_name():
     m = _can()
     with pytest.raises(ValueError, match="exactly 2 views"):
-        m.training_loss(Batch(views=torch.zeros(2, 3, 3, 32, 32), labels=torch.zeros(2), indices=torch.arange(2),
-                              step=0, max_steps=1, epoch=0, generator=torch.Generator()))
+        m.training_loss(
+            Batch(
+                views=torch.zeros(2, 3, 3, 32, 32),
+                labels=torch.zeros(2),
+                indices=torch.arange(2),
+                step=0,
+                max_steps=1,
+                epoch=0,
+                generator=torch.Generator(),
+            )
+        )
     with pytest.raises(ValueError, match="noise.target"):
         NoiseConfig(target="eps")
     with pytest.raises(ValueError, match="weight_noise"):
@@ -152,16 +168,39 @@ def test_can_rejects_bad_input_by_name():
 
 # ---------------------------------------------------------------------------------------------------- resume
 TINY_CAN = [
-    "--config", "recipes/can-cpu-small.yaml", "--data.dataset", "folder",
-    "--method.init_args.backbone", "{name: vit_tiny, kwargs: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, "
-                                   "num_heads: 2}}",
-    "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}", "--method.init_args.noise", "{sigma_max: 0.1}",
-    "--data.batch_size", "25", "--data.subset", "100", "--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
-    "--optim.lr", "3e-3",
-    "--trainer.save_every_n_steps", "3", "--trainer.logger", "none", "--trainer.progress_bar", "false",
-    "--trainer.seed", "3", "--monitor.every_n_epochs", "0", "--trainer.precision", "32-true",
+    "--config",
+    "recipes/can-cpu-small.yaml",
+    "--data.dataset",
+    "folder",
+    "--method.init_args.backbone",
+    "{name: vit_tiny, kwargs: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}}",
+    "--method.init_args.decoder",
+    "{width: 32, depth: 1, heads: 2}",
+    "--method.init_args.noise",
+    "{sigma_max: 0.1}",
+    "--data.batch_size",
+    "25",
+    "--data.subset",
+    "100",
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.max_steps",
+    "-1",
+    "--optim.lr",
+    "3e-3",
+    "--trainer.save_every_n_steps",
+    "3",
+    "--trainer.logger",
+    "none",
+    "--trainer.progress_bar",
+    "false",
+    "--trainer.seed",
+    "3",
+    "--monitor.every_n_epochs",
+    "0",
+    "--trainer.precision",
+    "32-true",
 ]
-
 
 
 def test_kill_then_resume_equals_the_uninterrupted_run_with_masks_and_noise(tmp_path, cifar_slice):
@@ -172,17 +211,32 @@ def test_kill_then_resume_equals_the_uninterrupted_run_with_masks_and_noise(tmp_
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0
     proc = pretrain_killed_at(7, [*args, "--trainer.out_dir", str(run_b)], tmp_path)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    load = lambda p: torch.load(p / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)  # noqa: E731
+    load = lambda p: torch.load(p / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert load(run_b)["global_step"] == 6
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_b), "--trainer.resume", "true"]) == 0
     a, b = load(run_a), load(run_b)
     assert a["global_step"] == b["global_step"] == 8 and a["selfsup"]["method"] == "CAN"
     for k in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6,
-                                   msg=f"resumed run differs at {k}")
+        torch.testing.assert_close(
+            b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=f"resumed run differs at {k}"
+        )
     # the reconstruction grid of a CAN checkpoint (its decoder conditioned on noise level 0)
     png = tmp_path / "can.png"
-    assert main(["reconstruct", "--checkpoint", str(run_a / "checkpoints" / "last.ckpt"), "--output", str(png),
-                 "--num_images", "3", "--data.num_workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--checkpoint",
+                str(run_a / "checkpoints" / "last.ckpt"),
+                "--output",
+                str(png),
+                "--num_images",
+                "3",
+                "--data.num_workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     with Image.open(png) as im:
         assert im.size == (3 * 34 + 2, 3 * 34 + 2)

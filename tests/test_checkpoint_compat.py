@@ -25,7 +25,9 @@ def _raw(path):
 def test_the_fixtures_really_are_format_1():
     raw = _raw(V1_MOMENTUM)
     assert "format" not in raw["selfsup"] or raw["selfsup"]["format"] == 1
-    assert "backbone_config" in raw["selfsup"] and any(k.startswith("method.momentum.copies.0.") for k in raw["state_dict"])
+    assert "backbone_config" in raw["selfsup"] and any(
+        k.startswith("method.momentum.copies.0.") for k in raw["state_dict"]
+    )
 
 
 def test_format_1_upgrades_in_place():
@@ -43,8 +45,11 @@ def test_format_1_upgrades_in_place():
 def test_format_1_backbones_load_export_and_give_the_trained_features(tmp_path):
     raw = _raw(V1_MOMENTUM)["state_dict"]
     x = torch.randn(2, 3, 32, 32)
-    for which, prefix in (("online", "method.backbone."), ("teacher", "method.momentum.copies.0."),
-                          ("momentum", "method.momentum.copies.0.")):
+    for which, prefix in (
+        ("online", "method.backbone."),
+        ("teacher", "method.momentum.copies.0."),
+        ("momentum", "method.momentum.copies.0."),
+    ):
         net, spec = load_backbone(V1_MOMENTUM, which)
         assert spec == SPEC
         for k, v in net.state_dict().items():
@@ -70,9 +75,14 @@ def test_a_format_1_run_resumes_with_todays_engine(tmp_path):
     # the fixture's own configuration (scripts/make_v1_checkpoint.py): Adam, everything decayed, 2 steps / epoch
     method = MMCR(backbone=SPEC, projector=[16, 8], momentum_tau=0.9)
     data = DataConfig(dataset="cifar10", batch_size=8, views=2, view_mode="batched", num_workers=0)
-    pretrain(method, data, OptimConfig(name="adam", lr=1e-3, exclude_1d=False),
-             TrainerConfig(out_dir=str(run), max_epochs=2, logger="none", progress_bar=False, resume=True),
-             MonitorConfig(every_n_epochs=0), train_dataset=TensorDataset(images, torch.arange(16) % 4))
+    pretrain(
+        method,
+        data,
+        OptimConfig(name="adam", lr=1e-3, exclude_1d=False),
+        TrainerConfig(out_dir=str(run), max_epochs=2, logger="none", progress_bar=False, resume=True),
+        MonitorConfig(every_n_epochs=0),
+        train_dataset=TensorDataset(images, torch.arange(16) % 4),
+    )
     after = _raw(run / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 4 and after["selfsup"]["format"] == FORMAT
     before = upgrade_checkpoint(_raw(V1_MOMENTUM))["state_dict"]

@@ -12,10 +12,30 @@ import torch
 from selfsup.cli import main
 
 TINY = [
-    "--method", "MMCR", "--method.init_args.backbone", "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}", "--method.init_args.projector", "[16, 8]",
-    "--data.dataset", "cifar10", "--data.batch_size", "20", "--data.views", "2", "--data.view_mode", "batched",
-    "--data.in_memory", "true", "--data.num_workers", "0", "--trainer.logger", "none",
-    "--trainer.progress_bar", "false", "--monitor.every_n_epochs", "0",
+    "--method",
+    "MMCR",
+    "--method.init_args.backbone",
+    "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
+    "--method.init_args.projector",
+    "[16, 8]",
+    "--data.dataset",
+    "cifar10",
+    "--data.batch_size",
+    "20",
+    "--data.views",
+    "2",
+    "--data.view_mode",
+    "batched",
+    "--data.in_memory",
+    "true",
+    "--data.num_workers",
+    "0",
+    "--trainer.logger",
+    "none",
+    "--trainer.progress_bar",
+    "false",
+    "--monitor.every_n_epochs",
+    "0",
 ]
 
 
@@ -32,8 +52,16 @@ def test_typo_in_yaml_is_named(tmp_path, capsys):
 
 
 def test_unknown_backbone_is_named(tmp_path, cifar_slice, capsys):
-    args = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--method.init_args.backbone.name", "resnet9000",
-            "--trainer.out_dir", str(tmp_path / "run")]
+    args = [
+        "pretrain",
+        *TINY,
+        "--data.root",
+        str(cifar_slice),
+        "--method.init_args.backbone.name",
+        "resnet9000",
+        "--trainer.out_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "resnet9000" in err and "resnet18" in err
@@ -75,8 +103,20 @@ def test_wrong_checkpoints_are_named(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, cifar_slice, capsys):
-    args = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--optim.name", "sgd", "--optim.lr", "1e38",
-            "--trainer.max_epochs", "2", "--trainer.out_dir", str(tmp_path / "run")]
+    args = [
+        "pretrain",
+        *TINY,
+        "--data.root",
+        str(cifar_slice),
+        "--optim.name",
+        "sgd",
+        "--optim.lr",
+        "1e38",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.out_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "step" in err
@@ -84,12 +124,34 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, cifar_slice, capsys):
 
 def test_resume_with_a_different_backbone_is_refused(tmp_path, cifar_slice, capsys):
     run = tmp_path / "run"
-    base = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--data.subset", "40", "--trainer.max_epochs", "1",
-            "--trainer.out_dir", str(run)]
+    base = [
+        "pretrain",
+        *TINY,
+        "--data.root",
+        str(cifar_slice),
+        "--data.subset",
+        "40",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.out_dir",
+        str(run),
+    ]
     assert main(base) == 0
     before = (run / "checkpoints" / "last.ckpt").read_bytes()
-    assert main([*base, "--trainer.max_epochs", "2", "--trainer.resume", "true",
-                 "--method.init_args.backbone.kwargs", "{cifar_stem: true, width: 16}"]) == 1
+    assert (
+        main(
+            [
+                *base,
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.resume",
+                "true",
+                "--method.init_args.backbone.kwargs",
+                "{cifar_stem: true, width: 16}",
+            ]
+        )
+        == 1
+    )
     assert "differs from the configured" in capsys.readouterr().err
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     cfg = json.loads((run / "config.json").read_text())
@@ -99,9 +161,26 @@ def test_resume_with_a_different_backbone_is_refused(tmp_path, cifar_slice, caps
 def test_per_image_views_from_a_zip_with_loader_workers(tmp_path, cifar_slice):
     """The per-image path: zip members decoded in 2 worker processes, V torchvision views per image."""
     run = tmp_path / "run"
-    args = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--data.view_mode", "per_image",
-            "--data.in_memory", "false", "--data.num_workers", "2", "--data.views", "4", "--data.subset", "60",
-            "--trainer.max_epochs", "1", "--trainer.out_dir", str(run)]
+    args = [
+        "pretrain",
+        *TINY,
+        "--data.root",
+        str(cifar_slice),
+        "--data.view_mode",
+        "per_image",
+        "--data.in_memory",
+        "false",
+        "--data.num_workers",
+        "2",
+        "--data.views",
+        "4",
+        "--data.subset",
+        "60",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.out_dir",
+        str(run),
+    ]
     assert main(args) == 0
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 60 // 20
@@ -122,8 +201,16 @@ def test_augment_overrides_apply_and_typos_are_named(tmp_path, cifar_slice, caps
     pipes = train_pipelines(DataConfig(augment="imagenet", augment_overrides={"scale": [0.2, 1.0]}))
     assert [p.scale for p in pipes] == [(0.2, 1.0), (0.2, 1.0)]  # both pipelines of the asymmetric pair
     assert [p.blur_p for p in pipes] == [1.0, 0.1]  # the rest of the preset is untouched
-    args = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--data.augment_overrides", "{scal: [0.2, 1.0]}",
-            "--trainer.out_dir", str(tmp_path / "run")]
+    args = [
+        "pretrain",
+        *TINY,
+        "--data.root",
+        str(cifar_slice),
+        "--data.augment_overrides",
+        "{scal: [0.2, 1.0]}",
+        "--trainer.out_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 1
     assert "scal" in capsys.readouterr().err
 
@@ -135,8 +222,24 @@ class _Stop(Exception):
 
 def tiny_pretrain(run: Path, root: Path, *extra: str) -> Path:
     """``last.ckpt`` of a 1-epoch run of a width-8 ResNet-10 on 40 images of ``root``."""
-    assert main(["pretrain", *TINY, "--data.root", str(root), "--data.subset", "40", "--trainer.max_epochs", "1",
-                 "--trainer.out_dir", str(run), *extra]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *TINY,
+                "--data.root",
+                str(root),
+                "--data.subset",
+                "40",
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.out_dir",
+                str(run),
+                *extra,
+            ]
+        )
+        == 0
+    )
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -173,8 +276,20 @@ def test_corrupt_image_is_one_line_naming_the_member(tmp_path, cifar_slice, tiny
         ["knn", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "2"],  # raised in a worker
         ["linear", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "0", "--epochs", "1"],
         ["pretrain", *TINY, "--data.root", str(bad), "--trainer.out_dir", str(tmp_path / "run1")],  # in-memory decode
-        ["pretrain", *TINY, "--data.root", str(bad), "--trainer.out_dir", str(tmp_path / "run2"), "--data.in_memory",
-         "false", "--data.view_mode", "per_image", "--data.num_workers", "2"],  # inside Lightning, in a worker
+        [
+            "pretrain",
+            *TINY,
+            "--data.root",
+            str(bad),
+            "--trainer.out_dir",
+            str(tmp_path / "run2"),
+            "--data.in_memory",
+            "false",
+            "--data.view_mode",
+            "per_image",
+            "--data.num_workers",
+            "2",
+        ],  # inside Lightning, in a worker
     ]
     for argv in runs:
         capsys.readouterr()
@@ -198,10 +313,12 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, capsys)
     for name, make in NOT_CHECKPOINTS.items():
         path = tmp_path / name
         make(path)
-        for argv in (["knn", "--checkpoint", str(path), "--data.dataset", "demo"],
-                     ["linear", "--checkpoint", str(path), "--data.dataset", "demo"],
-                     ["export", "--checkpoint", str(path), "--out", str(tmp_path / "exp")],
-                     ["pretrain", *TINY, "--trainer.out_dir", str(tmp_path / "run"), "--trainer.resume", str(path)]):
+        for argv in (
+            ["knn", "--checkpoint", str(path), "--data.dataset", "demo"],
+            ["linear", "--checkpoint", str(path), "--data.dataset", "demo"],
+            ["export", "--checkpoint", str(path), "--out", str(tmp_path / "exp")],
+            ["pretrain", *TINY, "--trainer.out_dir", str(tmp_path / "run"), "--trainer.resume", str(path)],
+        ):
             if name.endswith(".safetensors") and argv[0] == "pretrain":
                 continue
             capsys.readouterr()
@@ -226,7 +343,9 @@ def test_eval_moves_the_backbone_to_the_device(argv, tiny_ckpt, monkeypatch):
     monkeypatch.setattr(features, "extract_features", fake_extract)
     monkeypatch.setattr(linear, "extract_features", fake_extract)
     with pytest.raises(_Stop):
-        cli.COMMANDS[argv[0]]([*argv[1:], "--checkpoint", str(tiny_ckpt), "--device", "meta", "--data.num_workers", "0"])
+        cli.COMMANDS[argv[0]](
+            [*argv[1:], "--checkpoint", str(tiny_ckpt), "--device", "meta", "--data.num_workers", "0"]
+        )
     assert seen == [(torch.device("meta"), torch.device("meta"))]
     net = torch.nn.Linear(2, 2)
     assert next(cli.on_device(net, torch.device("meta")).parameters()).device == torch.device("meta")

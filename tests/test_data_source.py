@@ -7,9 +7,9 @@ import zipfile
 
 import pytest
 import torch
+from conftest import test_members
 from PIL import Image
 
-from conftest import test_members
 from selfsup.data.build import (
     DataSource,
     build_eval_dataset,
@@ -69,7 +69,7 @@ def test_eval_and_augmented_splits_accept_an_augment(cifar_slice, in_memory):
 
     aug = train_augmented_dataset(cfg, "train", augment=CROP_FLIP)
     assert len(aug) == 200 and aug.classes == open_source(cfg).eval_split("train").classes
-    x, y = aug[3]
+    x, _y = aug[3]
     assert x.dtype == torch.float32 and x.shape == (3, 24, 24)
     assert train_augmented_dataset(cfg, "train", augment="cifar10")[3][0].shape == (3, 32, 32)
     assert train_augmented_dataset(cfg, "train")[3][0].shape == (3, 32, 32)

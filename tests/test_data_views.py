@@ -21,9 +21,9 @@ import torch
 import torchvision.transforms as T1
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
+from conftest import test_members
 from PIL import Image
 
-from conftest import test_members
 from selfsup.data.batched import BatchedViews
 from selfsup.data.build import build_train_views, open_source
 from selfsup.data.transforms import Augment, MultiViewTransform, crop_flip_transform
@@ -130,10 +130,12 @@ def test_centre_crop_path_misses_the_periphery_and_fails_the_box_test():
     aug = Augment(crop_size=64, interpolation="nearest", flip_p=0.5)
     top, left, height, width = torchvision_boxes(h, w, aug, seed=2)
     # reference views through the same measurement (nearest downsampling is not exact for wide boxes)
-    ref_views = torch.stack([
-        TF.resized_crop(img, int(t), int(l_), int(hh), int(ww), [64, 64], interpolation=T.InterpolationMode.NEAREST)
-        for t, l_, hh, ww in zip(top, left, height, width)
-    ])
+    ref_views = torch.stack(
+        [
+            TF.resized_crop(img, int(t), int(l_), int(hh), int(ww), [64, 64], interpolation=T.InterpolationMode.NEAREST)
+            for t, l_, hh, ww in zip(top, left, height, width)
+        ]
+    )
     ref = boxes_of_coord_views(ref_views, h, w)
     assert (left < 68).mean() > 0.3
 
@@ -197,10 +199,20 @@ def test_batched_crop_sampler_follows_torchvision_on_non_square_images(h, w):
 # (c) 5-D input: photometric ops only, same draws as the 4-D path
 # --------------------------------------------------------------------------------------------------
 
-_PHOTO_A = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.8, gray_p=0.3, blur_p=0.5,
-                   blur_kernel=3, solarize_p=0.3)
-_PHOTO_B = dataclasses.replace(_PHOTO_A, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=1.0, gray_p=0.1, blur_p=0.0,
-                               solarize_p=0.6, color_first=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+_PHOTO_A = Augment(
+    scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.8, gray_p=0.3, blur_p=0.5, blur_kernel=3, solarize_p=0.3
+)
+_PHOTO_B = dataclasses.replace(
+    _PHOTO_A,
+    jitter=(0.8, 0.8, 0.8, 0.2),
+    jitter_p=1.0,
+    gray_p=0.1,
+    blur_p=0.0,
+    solarize_p=0.6,
+    color_first=True,
+    mean=(0.5, 0.4, 0.3),
+    std=(0.2, 0.3, 0.25),
+)
 
 
 @pytest.mark.parametrize("pipelines,views", [([_PHOTO_A], 3), ([_PHOTO_A, _PHOTO_B], 4)])
@@ -252,15 +264,24 @@ def wide_cifar_zip(cifar_zip, tmp_path_factory):
 
 
 def test_build_train_views_batched_crops_full_images_in_the_loader(wide_cifar_zip):
-    cfg = DataConfig(dataset="folder", root=str(wide_cifar_zip), view_mode="batched", in_memory=False, views=4,
-                     augment="imagenet", augment_overrides={"crop_size": 40}, num_workers=0, batch_size=6)
+    cfg = DataConfig(
+        dataset="folder",
+        root=str(wide_cifar_zip),
+        view_mode="batched",
+        in_memory=False,
+        views=4,
+        augment="imagenet",
+        augment_overrides={"crop_size": 40},
+        num_workers=0,
+        batch_size=6,
+    )
     ds, gen = build_train_views(cfg, seed=0)
     assert isinstance(gen, BatchedViews) and len(ds) == 12
     torch.manual_seed(0)
     x, y = ds[5]
     assert x.dtype == torch.uint8 and x.shape == (4, 3, 40, 40) and y == 1
     loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=0)
-    batch, labels = next(iter(loader))
+    batch, _labels = next(iter(loader))
     assert batch.dtype == torch.uint8 and batch.shape == (6, 4, 3, 40, 40)
     views = gen(batch, torch.Generator().manual_seed(0))
     assert views.dtype == torch.float32 and views.shape == (6, 4, 3, 40, 40) and torch.isfinite(views).all()
@@ -274,8 +295,15 @@ def test_build_train_views_batched_crops_full_images_in_the_loader(wide_cifar_zi
 
 
 def test_build_train_views_batched_in_memory_keeps_full_images(wide_cifar_zip):
-    cfg = DataConfig(dataset="folder", root=str(wide_cifar_zip), view_mode="batched", in_memory=True, views=2,
-                     augment="cifar10", num_workers=0)
+    cfg = DataConfig(
+        dataset="folder",
+        root=str(wide_cifar_zip),
+        view_mode="batched",
+        in_memory=True,
+        views=2,
+        augment="cifar10",
+        num_workers=0,
+    )
     ds, gen = build_train_views(cfg)
     x, _ = ds[0]
     assert x.dtype == torch.uint8 and x.shape == (3, 48, 80)  # native size, not the 32 px crop

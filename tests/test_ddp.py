@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from ddp_harness import gloo_rank, run_spawned
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_harness import gloo_rank, run_spawned
 from selfsup.distributed import all_gather_variable, gather, is_dist, rank, world_size
 from selfsup.losses import mmcr_loss, mmcr_momentum_loss
 
@@ -133,9 +133,7 @@ def test_naive_gather_gives_one_over_world_size(ddp_results: list[dict[str, Any]
 
 
 def test_all_gather_variable(ddp_results: list[dict[str, Any]]) -> None:
-    expected = torch.cat(
-        [torch.arange(6.0).reshape(3, 2), torch.arange(10.0).reshape(5, 2) + 100], dim=0
-    )
+    expected = torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(10.0).reshape(5, 2) + 100], dim=0)
     for res in ddp_results:
         torch.testing.assert_close(res["variable"], expected)
 

@@ -17,19 +17,27 @@ from typing import Any
 
 import pytest
 import torch
+from ddp_harness import gloo_rank, run_spawned
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_harness import gloo_rank, run_spawned
 from selfsup.methods import CAN
 from selfsup.methods.can import CANDraw
 
 WORLD, B = 2, 8
 VIT = {"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
-CASES = {"nce": dict(weight_mae=0.0, weight_nce=1.0), "total": dict(weight_mae=0.97, weight_nce=0.03),
-         "local": dict(weight_mae=0.0, weight_nce=1.0, gather_distributed=False)}
-CHECKED = ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", "projector.0.weight",
-           "decoder.pred.weight", "noise_mlp.2.weight")
+CASES = {
+    "nce": dict(weight_mae=0.0, weight_nce=1.0),
+    "total": dict(weight_mae=0.97, weight_nce=0.03),
+    "local": dict(weight_mae=0.0, weight_nce=1.0, gather_distributed=False),
+}
+CHECKED = (
+    "backbone.blocks.0.attn.qkv.weight",
+    "backbone.patch_embed.proj.weight",
+    "projector.0.weight",
+    "decoder.pred.weight",
+    "noise_mlp.2.weight",
+)
 
 
 class _Step(nn.Module):
@@ -45,8 +53,14 @@ class _Step(nn.Module):
 
 def _setup(case: str, views_path: str) -> tuple[CAN, torch.Tensor, CANDraw]:
     torch.manual_seed(0)
-    method = CAN(backbone=VIT, decoder={"width": 32, "depth": 1, "heads": 2}, proj_dim=16, temperature=0.1,
-                 mask_ratio=0.5, **CASES[case])
+    method = CAN(
+        backbone=VIT,
+        decoder={"width": 32, "depth": 1, "heads": 2},
+        proj_dim=16,
+        temperature=0.1,
+        mask_ratio=0.5,
+        **CASES[case],
+    )
     views = torch.load(views_path, weights_only=True)  # [B, 2, 3, 32, 32]
     draw = method.draw(2 * B, (3, 32, 32), torch.Generator().manual_seed(1))
     return method, views, draw
@@ -63,7 +77,7 @@ def _worker(r: int, port: int, out_dir: str) -> None:
         for case in CASES:
             method, views, draw = _setup(case, f"{out_dir}/views.pt")
             ddp = DDP(_Step(method))  # keep a reference: a collected wrapper takes its gradient hooks with it
-            out = ddp(views[r * per:(r + 1) * per], draw.rows(slice(2 * r * per, 2 * (r + 1) * per)))
+            out = ddp(views[r * per : (r + 1) * per], draw.rows(slice(2 * r * per, 2 * (r + 1) * per)))
             out["loss"].backward()
             result[case] = {"loss_nce": out["loss_nce"], "grads": _grads(method)}
 
@@ -95,8 +109,13 @@ def test_ddp_gradient_equals_single_process(ddp_results, case: str) -> None:
     for res in results:
         torch.testing.assert_close(res[case]["loss_nce"], ref["loss_nce"], rtol=1e-5, atol=1e-5)  # global negatives
         for k in CHECKED:
-            torch.testing.assert_close(res[case]["grads"][k], ref["grads"][k], rtol=1e-5, atol=1e-5,
-                                       msg=f"{case}: DDP gradient of {k} differs from the single-process one")
+            torch.testing.assert_close(
+                res[case]["grads"][k],
+                ref["grads"][k],
+                rtol=1e-5,
+                atol=1e-5,
+                msg=f"{case}: DDP gradient of {k} differs from the single-process one",
+            )
 
 
 def test_per_rank_negatives_give_another_gradient(ddp_results) -> None:
@@ -104,5 +123,6 @@ def test_per_rank_negatives_give_another_gradient(ddp_results) -> None:
     ref = _reference("nce", views_path)
     got = results[0]["local"]
     assert not torch.allclose(got["loss_nce"], ref["loss_nce"], rtol=1e-3)  # fewer negatives: a lower loss
-    assert not torch.allclose(got["grads"]["projector.0.weight"], ref["grads"]["projector.0.weight"], rtol=1e-3,
-                              atol=1e-6)
+    assert not torch.allclose(
+        got["grads"]["projector.0.weight"], ref["grads"]["projector.0.weight"], rtol=1e-3, atol=1e-6
+    )

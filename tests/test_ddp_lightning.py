@@ -11,17 +11,35 @@ import json
 
 import lightning as L
 import torch
+from test_cli import TINY
 
 from selfsup.cli import main
-from test_cli import TINY
 
 
 def test_pretrain_ddp_two_processes_monitor_uses_the_whole_bank(tmp_path, cifar_slice):
     run = tmp_path / "run"
-    args = ["pretrain", *TINY, "--data.root", str(cifar_slice), "--trainer.strategy", "ddp_spawn",
-            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1",
-            "--monitor.every_n_epochs", "1", "--monitor.k", "20", "--monitor.batch_size", "64",
-            "--trainer.out_dir", str(run)]
+    args = [
+        "pretrain",
+        *TINY,
+        "--data.root",
+        str(cifar_slice),
+        "--trainer.strategy",
+        "ddp_spawn",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_epochs",
+        "1",
+        "--monitor.every_n_epochs",
+        "1",
+        "--monitor.k",
+        "20",
+        "--monitor.batch_size",
+        "64",
+        "--trainer.out_dir",
+        str(run),
+    ]
     assert main(args) == 0
     last = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -76,10 +94,25 @@ def test_per_image_views_differ_across_ranks_without_loader_workers(tmp_path):
 
     method = MMCR(backbone={"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 4}}, projector=[8, 4])
     data = DataConfig(dataset="cifar10", batch_size=4, views=2, view_mode="per_image", num_workers=0)
-    trainer = TrainerConfig(out_dir=str(tmp_path / "run"), max_epochs=1, max_steps=1, strategy="ddp_spawn",
-                            accelerator="cpu", devices=2, logger="none", progress_bar=False)
-    pretrain(method, data, OptimConfig(), trainer, MonitorConfig(every_n_epochs=0),
-             extra_callbacks=[SaveFirstViews(tmp_path)], train_dataset=SameImage())
+    trainer = TrainerConfig(
+        out_dir=str(tmp_path / "run"),
+        max_epochs=1,
+        max_steps=1,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        logger="none",
+        progress_bar=False,
+    )
+    pretrain(
+        method,
+        data,
+        OptimConfig(),
+        trainer,
+        MonitorConfig(every_n_epochs=0),
+        extra_callbacks=[SaveFirstViews(tmp_path)],
+        train_dataset=SameImage(),
+    )
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0.shape == r1.shape == (4, 2, 3, 32, 32)
     assert not torch.equal(r0[0], r1[0])  # the same image, augmented differently on each rank

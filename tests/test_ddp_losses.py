@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
+from ddp_harness import gloo_rank, run_spawned
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_harness import gloo_rank, run_spawned
 from selfsup.distributed import gather
 from selfsup.losses import byol_loss, info_nce_loss, mec_loss
 

@@ -75,8 +75,12 @@ def test_pretrain_kill_resume_knn_linear_export(tmp_path, recipe, capsys):
     # the same run, SIGKILLed at the start of its third epoch
     script = tmp_path / "killer.py"
     script.write_text(textwrap.dedent(KILLER))
-    proc = subprocess.run([sys.executable, str(script), "--config", str(recipe), "--trainer.out_dir", str(run_b)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--config", str(recipe), "--trainer.out_dir", str(run_b)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckpts = sorted(p.name for p in (run_b / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["epoch0000.ckpt", "epoch0001.ckpt", "last.ckpt"]
@@ -100,8 +104,10 @@ def test_pretrain_kill_resume_knn_linear_export(tmp_path, recipe, capsys):
     # offline kNN with the monitor's settings reproduces the monitor's last number
     capsys.readouterr()
     knn_out = tmp_path / "knn.json"
-    assert main(["knn", "--checkpoint", str(last_a), "--k", "20", "--data.num_workers", "0",
-                 "--output", str(knn_out)]) == 0
+    assert (
+        main(["knn", "--checkpoint", str(last_a), "--k", "20", "--data.num_workers", "0", "--output", str(knn_out)])
+        == 0
+    )
     knn = json.loads(knn_out.read_text())
     assert knn["bank"] == 200 and knn["test"] == 100
     history = torch.load(last_a, weights_only=True)["callbacks"]["KNNMonitor"]["history"]
@@ -112,8 +118,26 @@ def test_pretrain_kill_resume_knn_linear_export(tmp_path, recipe, capsys):
 
     # linear probe on cached features: selection on a held-out part of train, test scored at the end
     lin_out = tmp_path / "linear.json"
-    assert main(["linear", "--checkpoint", str(last_a), "--epochs", "5", "--lrs", "[0.1]", "--weight_decays", "[0.0]",
-                 "--data.num_workers", "0", "--output", str(lin_out)]) == 0
+    assert (
+        main(
+            [
+                "linear",
+                "--checkpoint",
+                str(last_a),
+                "--epochs",
+                "5",
+                "--lrs",
+                "[0.1]",
+                "--weight_decays",
+                "[0.0]",
+                "--data.num_workers",
+                "0",
+                "--output",
+                str(lin_out),
+            ]
+        )
+        == 0
+    )
     lin = json.loads(lin_out.read_text())
     for key in ("val_top1", "test_top1", "test_top5", "test_top1_last", "test_top5_last"):
         assert 0.0 <= lin[key] <= 100.0, key
@@ -136,18 +160,50 @@ def test_pretrain_kill_resume_knn_linear_export(tmp_path, recipe, capsys):
 def test_export_loads_into_unmodified_torchvision(tmp_path, cifar_slice):
     """Standard-stem ResNet-18: the exported state dict loads into torchvision.models.resnet18()."""
     run = tmp_path / "run"
-    args = ["pretrain", "--method", "MMCR", "--method.init_args.backbone.name", "resnet18",
-            "--method.init_args.projector", "[64, 32]", "--data.dataset", "cifar10", "--data.root", str(cifar_slice),
-            "--data.batch_size", "20", "--data.views", "2", "--data.view_mode", "batched", "--data.in_memory", "true",
-            "--data.num_workers", "0", "--data.subset", "40", "--trainer.max_epochs", "1", "--trainer.out_dir", str(run),
-            "--trainer.logger", "none", "--trainer.progress_bar", "false", "--monitor.every_n_epochs", "0"]
+    args = [
+        "pretrain",
+        "--method",
+        "MMCR",
+        "--method.init_args.backbone.name",
+        "resnet18",
+        "--method.init_args.projector",
+        "[64, 32]",
+        "--data.dataset",
+        "cifar10",
+        "--data.root",
+        str(cifar_slice),
+        "--data.batch_size",
+        "20",
+        "--data.views",
+        "2",
+        "--data.view_mode",
+        "batched",
+        "--data.in_memory",
+        "true",
+        "--data.num_workers",
+        "0",
+        "--data.subset",
+        "40",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.out_dir",
+        str(run),
+        "--trainer.logger",
+        "none",
+        "--trainer.progress_bar",
+        "false",
+        "--monitor.every_n_epochs",
+        "0",
+    ]
     assert main(args) == 0
     exp = tmp_path / "export"
     assert main(["export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(exp)]) == 0
     ours, _ = load_backbone(run / "checkpoints" / "last.ckpt")
     x = torch.randn(2, 3, 64, 64)
-    for state in (torch.load(exp / "backbone.pt", weights_only=True),
-                  __import__("safetensors.torch", fromlist=["load_file"]).load_file(exp / "backbone.safetensors")):
+    for state in (
+        torch.load(exp / "backbone.pt", weights_only=True),
+        __import__("safetensors.torch", fromlist=["load_file"]).load_file(exp / "backbone.safetensors"),
+    ):
         tv = torchvision.models.resnet18()
         missing, unexpected = tv.load_state_dict(state, strict=False)
         assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 
 import pytest
@@ -18,7 +20,7 @@ def test_sampler_shards_are_disjoint_equal_and_epoch_seeded():
         s.set_epoch(4)
         shards.append(list(s))
     assert [len(x) for x in shards] == [3, 3, 3]
-    flat = sum(shards, [])
+    flat = functools.reduce(operator.iadd, shards, [])
     assert len(set(flat)) == 9 and set(flat) <= set(range(10))
     s = ShardedEpochSampler(10, seed=1)
     s.set_epoch(4)

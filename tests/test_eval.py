@@ -6,11 +6,11 @@ import io
 import json
 import math
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_ZIP as CIFAR_ZIP  # real CIFAR-10 JPEGs shipped in the package (200/50 per class fit)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,9 +26,6 @@ from selfsup.eval import (
     split_train_val,
     train_linear_on_features,
 )
-
-from conftest import SAMPLE_ZIP as CIFAR_ZIP  # real CIFAR-10 JPEGs shipped in the package (200/50 per class fit)
-
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -78,7 +75,9 @@ class ColourDataset(Dataset):
         g = torch.Generator().manual_seed(seed)
         self.targets = [i % num_classes for i in range(n)]
         palette = torch.eye(3)[:num_classes] * 2 - 0.5
-        self.base = torch.stack([palette[t] for t in self.targets])[:, :, None, None] + noise * torch.randn(n, 3, 8, 8, generator=g)
+        self.base = torch.stack([palette[t] for t in self.targets])[:, :, None, None] + noise * torch.randn(
+            n, 3, 8, 8, generator=g
+        )
         self.augment = augment
 
     def __len__(self) -> int:
@@ -209,7 +208,17 @@ def test_linear_probe_cached_separable_reaches_100() -> None:
     d = res.to_dict()
     assert "head" not in d and "head_last" not in d
     json.dumps(d)
-    for key in ("val_top1", "test_top1", "test_top5", "test_top1_last", "test_top5_last", "lr", "weight_decay", "epoch", "seconds"):
+    for key in (
+        "val_top1",
+        "test_top1",
+        "test_top5",
+        "test_top1_last",
+        "test_top5_last",
+        "lr",
+        "weight_decay",
+        "epoch",
+        "seconds",
+    ):
         assert key in d
     assert d["mode"] == "cached" and d["config"]["batch_size"] == 64 and d["config"]["lrs"] == (0.1,)
 
@@ -224,8 +233,15 @@ def test_selection_never_uses_test() -> None:
     y = ((x[:, 0] + 0.8 * torch.randn(400, generator=g)) > 0).long()
     _, va = split_train_val(y, val_fraction=0.25, seed=0)
     test_f, test_y = x[va], 1 - y[va]
-    probe = ProbeConfig(val_fraction=0.25, lrs=(0.003, 0.03), weight_decays=(0.0,), epochs=12, batch_size=32, seed=0,
-                        feature_norm="none")
+    probe = ProbeConfig(
+        val_fraction=0.25,
+        lrs=(0.003, 0.03),
+        weight_decays=(0.0,),
+        epochs=12,
+        batch_size=32,
+        seed=0,
+        feature_norm="none",
+    )
     res = linear_probe_cached(x, y, test_f, test_y, 2, probe)
     assert min(res.val_curve) < max(res.val_curve)  # the construction is informative
     assert res.val_top1 == pytest.approx(max(res.val_curve))
@@ -236,7 +252,14 @@ def test_selection_never_uses_test() -> None:
     tr, va = split_train_val(y, val_fraction=0.25, seed=0)
     test_curve: list[float] = []
     run = train_linear_on_features(
-        x[tr], y[tr], x[va], y[va], 2, probe, lr=res.lr, weight_decay=res.weight_decay,
+        x[tr],
+        y[tr],
+        x[va],
+        y[va],
+        2,
+        probe,
+        lr=res.lr,
+        weight_decay=res.weight_decay,
         on_epoch_end=lambda ep, head: test_curve.append(evaluate_head(head, test_f, test_y)["top1"]),
     )
     assert run["val_top1"] == res.val_curve and run["best_epoch"] == res.epoch
@@ -338,8 +361,15 @@ def test_probe_config_normalises_validates_and_overrides() -> None:
     cfg = ProbeConfig(lrs=0.5, weight_decays=[0.0, 1e-4], batch_size=512, scale_lr="linear")
     assert cfg.lrs == (0.5,) and cfg.weight_decays == (0.0, 1e-4)
     assert cfg.peak_lr(0.5) == pytest.approx(1.0)  # 0.5 x 512 / 256
-    for bad in (dict(optimizer="rmsprop"), dict(feature_norm="ln"), dict(val_fraction=1.0), dict(epochs=0),
-                dict(lrs=()), dict(scale_lr="cubic"), dict(warmup_epochs=-1)):
+    for bad in (
+        dict(optimizer="rmsprop"),
+        dict(feature_norm="ln"),
+        dict(val_fraction=1.0),
+        dict(epochs=0),
+        dict(lrs=()),
+        dict(scale_lr="cubic"),
+        dict(warmup_epochs=-1),
+    ):
         with pytest.raises(ValueError):
             ProbeConfig(**bad)
     x, y = gaussian_blobs(200, 2, 4, sep=3.0, seed=0)
@@ -386,8 +416,14 @@ def test_probe_lr_follows_the_shared_warmup_cosine(monkeypatch) -> None:
 def test_probe_optimizers_learn(optimizer: str) -> None:
     x, y = gaussian_blobs(400, 4, 16, sep=4.0, seed=0)
     lr = {"adam": 0.01, "lars": 1.0}[optimizer]
-    res = linear_probe_cached(x, y, x, y, 4, ProbeConfig(epochs=5, lrs=lr, batch_size=50, optimizer=optimizer,
-                                                          weight_decays=1e-6, feature_norm="none"))
+    res = linear_probe_cached(
+        x,
+        y,
+        x,
+        y,
+        4,
+        ProbeConfig(epochs=5, lrs=lr, batch_size=50, optimizer=optimizer, weight_decays=1e-6, feature_norm="none"),
+    )
     assert res.test_top1 >= 95.0 and res.config["optimizer"] == optimizer
 
 
@@ -427,7 +463,7 @@ def test_knn_by_shards_equals_whole_bank_with_ties(k: int) -> None:
     """Features in {-1, 1}^4: every cosine is an exact multiple of 1/4, so ties abound (16 distinct vectors for 40
     bank rows with random labels); the k-th neighbour is decided by bank order in both computations."""
     g = torch.Generator().manual_seed(k)
-    signs = lambda n: torch.randint(0, 2, (n, 4), generator=g).float() * 2 - 1  # noqa: E731
+    signs = lambda n: torch.randint(0, 2, (n, 4), generator=g).float() * 2 - 1
     bank, bank_y, queries = signs(40), torch.randint(0, 5, (40,), generator=g), signs(13)
     whole = knn_scores(bank, bank_y, queries, num_classes=5, k=k, chunk_size=4)
     for sizes in ([40], [20, 20], [3, 0, 30, 7], [1] * 40, [6, 11, 2, 21]):  # shards smaller than k, empty ones
@@ -446,6 +482,10 @@ def test_knn_ties_go_to_the_first_bank_entry() -> None:
 
 def test_knn_by_shards_on_random_features() -> None:
     g = torch.Generator().manual_seed(3)
-    bank, bank_y, queries = torch.randn(300, 16, generator=g), torch.randint(0, 7, (300,), generator=g), torch.randn(50, 16, generator=g)
+    bank, bank_y, queries = (
+        torch.randn(300, 16, generator=g),
+        torch.randint(0, 7, (300,), generator=g),
+        torch.randn(50, 16, generator=g),
+    )
     whole = knn_scores(bank, bank_y, queries, num_classes=7, k=25)
     torch.testing.assert_close(_by_shards(bank, bank_y, queries, [150, 10, 140], 25, 7), whole)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision.transforms.v2 as T
+from test_cli import TINY
 
 from selfsup.cli import main, run_pretrain
 from selfsup.data.build import build_eval_dataset
@@ -26,7 +27,6 @@ from selfsup.eval.fewshot import (
     few_shot_from_features,
     sample_episodes,
 )
-from test_cli import TINY
 
 TO_TENSOR = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
 FLIP = T.Compose([T.ToImage(), T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True)])
@@ -63,8 +63,10 @@ class LabelLookup(nn.Module):
 @pytest.fixture(scope="module")
 def splits(cifar_slice):
     """Real CIFAR-10: 20 train / 10 test images per class, as tensors."""
-    return (build_dataset("cifar10", cifar_slice, "train", TO_TENSOR),
-            build_dataset("cifar10", cifar_slice, "test", TO_TENSOR))
+    return (
+        build_dataset("cifar10", cifar_slice, "train", TO_TENSOR),
+        build_dataset("cifar10", cifar_slice, "test", TO_TENSOR),
+    )
 
 
 def test_confidence_interval_by_hand():
@@ -82,8 +84,9 @@ def test_episodes_have_exact_sizes_are_seeded_and_disjoint_within_one_split():
     cfg = FewShotConfig(n_way=3, n_shot=4, n_query=5, episodes=6, seed=1)
     eps = sample_episodes(labels, labels, cfg, same_split=True)
     again = sample_episodes(labels, labels, cfg, same_split=True)
-    other = sample_episodes(labels, labels, FewShotConfig(n_way=3, n_shot=4, n_query=5, episodes=6, seed=2),
-                            same_split=True)
+    other = sample_episodes(
+        labels, labels, FewShotConfig(n_way=3, n_shot=4, n_query=5, episodes=6, seed=2), same_split=True
+    )
     assert all(torch.equal(a.support, b.support) and torch.equal(a.query, b.query) for a, b in zip(eps, again))
     assert any(not torch.equal(a.support, b.support) for a, b in zip(eps, other))
     for ep in eps:
@@ -94,8 +97,11 @@ def test_episodes_have_exact_sizes_are_seeded_and_disjoint_within_one_split():
         assert torch.equal(labels[ep.support], ep.classes[ep.support_y])  # episode label j = j-th class
         assert torch.equal(labels[ep.query], ep.classes[ep.query_y])
     assert len({tuple(ep.classes.tolist()) for ep in eps}) > 1
-    with pytest.raises(ValueError, match=r"6 classes have 4 support and 5 query images \(disjoint, one split\) but an "
-                                         "episode needs 7"):
+    with pytest.raises(
+        ValueError,
+        match=r"6 classes have 4 support and 5 query images \(disjoint, one split\) but an "
+        "episode needs 7",
+    ):
         sample_episodes(labels, labels, FewShotConfig(n_way=7, n_shot=4, n_query=5), same_split=True)
     with pytest.raises(ValueError, match="0 classes have 4 support and 9 query images"):  # 4 + 9 > 12
         sample_episodes(labels, labels, FewShotConfig(n_way=3, n_shot=4, n_query=9), same_split=True)
@@ -126,8 +132,12 @@ def test_label_features_score_100_and_random_features_score_one_in_n_way(splits)
     assert 0.5 < rand.ci95 < 6.0
     mean, ci, _ = confidence_interval(rand.per_episode)
     assert (rand.accuracy, rand.ci95) == (mean, ci)
-    linear = few_shot_eval(known, train, test, FewShotConfig(n_way=5, n_shot=3, n_query=10, episodes=4,
-                                                             classifier="linear", epochs=30, lr=0.1))
+    linear = few_shot_eval(
+        known,
+        train,
+        test,
+        FewShotConfig(n_way=5, n_shot=3, n_query=10, episodes=4, classifier="linear", epochs=30, lr=0.1),
+    )
     assert linear.accuracy == 100.0
 
 
@@ -159,8 +169,12 @@ def test_from_features_is_seeded():
     lin = FewShotConfig(n_way=4, n_shot=2, n_query=3, episodes=4, classifier="linear", epochs=5)
     batched = few_shot_from_features(f[::2], y[::2], f[1::2], y[1::2], lin)
     eps = sample_episodes(y[::2], y[1::2], lin)
-    alone = [episode_accuracy(f[::2][ep.support], ep.support_y, f[1::2][ep.query], ep.query_y, 4, lin,
-                              seed=episode_seed(lin.seed, e)) for e, ep in enumerate(eps)]
+    alone = [
+        episode_accuracy(
+            f[::2][ep.support], ep.support_y, f[1::2][ep.query], ep.query_y, 4, lin, seed=episode_seed(lin.seed, e)
+        )
+        for e, ep in enumerate(eps)
+    ]
     assert batched.per_episode == alone
     with pytest.raises(ValueError, match="fewshot.n_way must be >= 2"):
         FewShotConfig(n_way=1)
@@ -173,9 +187,24 @@ def monitored_run(tmp_path_factory, cifar_slice):
     support, query = build_eval_dataset(data, "train"), build_eval_dataset(data, "test")
     monitor = FewShotMonitor(support, query, FewShotConfig(n_way=5, n_shot=2, n_query=4, episodes=3), every_n_epochs=1)
     run = tmp_path_factory.mktemp("fewshot") / "run"
-    run_pretrain([*TINY, "--data.root", str(cifar_slice), "--data.subset", "40", "--trainer.max_epochs", "1",
-                  "--trainer.out_dir", str(run), "--trainer.logger", "csv", "--trainer.log_every_n_steps", "1"],
-                 extra_callbacks=[monitor])
+    run_pretrain(
+        [
+            *TINY,
+            "--data.root",
+            str(cifar_slice),
+            "--data.subset",
+            "40",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.out_dir",
+            str(run),
+            "--trainer.logger",
+            "csv",
+            "--trainer.log_every_n_steps",
+            "1",
+        ],
+        extra_callbacks=[monitor],
+    )
     return run / "checkpoints" / "last.ckpt", monitor
 
 
@@ -192,9 +221,25 @@ def test_monitor_logs_fewshot_accuracy_during_pretraining(monitored_run):
 
 def test_cli_reports_accuracy_with_its_interval(monitored_run, cifar_slice, capsys):
     ckpt, _ = monitored_run
-    argv = ["fewshot", "--checkpoint", str(ckpt), "--data.root", str(cifar_slice), "--data.num_workers", "0",
-            "--data.batch_size", "64", "--fewshot.n_way", "5", "--fewshot.n_shot", "2", "--fewshot.n_query", "4",
-            "--fewshot.episodes", "5"]
+    argv = [
+        "fewshot",
+        "--checkpoint",
+        str(ckpt),
+        "--data.root",
+        str(cifar_slice),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "64",
+        "--fewshot.n_way",
+        "5",
+        "--fewshot.n_shot",
+        "2",
+        "--fewshot.n_query",
+        "4",
+        "--fewshot.episodes",
+        "5",
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cli import tiny_pretrain
 from torch.utils.data import DataLoader, Dataset
 
 from selfsup.cli import main
@@ -28,13 +29,25 @@ from selfsup.eval.finetune_data import finetune_datasets, prepare_backbone
 from selfsup.eval.linear import split_train_val
 from selfsup.eval.protocols import FINETUNE_PROTOCOLS, get_finetune_protocol, resolve_finetune
 from selfsup.models import build_backbone
-from test_cli import tiny_pretrain
 
 VIT = "{name: vit_tiny, kwargs: {img_size: 32, patch_size: 8, depth: 2}}"
 
 #: a plain, deterministic regime: no augmentation, mixing, smoothing, decay or warm-up
-PLAIN = dict(batch_size=20, lr=3e-3, scale_lr="none", weight_decay=0.0, layer_decay=1.0, warmup_epochs=0, min_lr=0.0,
-             drop_path=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, augment="none", val_fraction=0.1)
+PLAIN = dict(
+    batch_size=20,
+    lr=3e-3,
+    scale_lr="none",
+    weight_decay=0.0,
+    layer_decay=1.0,
+    warmup_epochs=0,
+    min_lr=0.0,
+    drop_path=0.0,
+    label_smoothing=0.0,
+    mixup=0.0,
+    cutmix=0.0,
+    augment="none",
+    val_fraction=0.1,
+)
 
 
 def tiny_vit_pretrain(run: Path, root: Path) -> Path:
@@ -60,10 +73,17 @@ def test_layer_decay_scales_by_hand_vit_and_resnet():
     ld = 0.5
     vit = FinetuneModel(build_backbone("vit_tiny", img_size=32, patch_size=8, depth=3), 10)
     scales = lr_scales(vit, ld)
-    expected = {"backbone.cls_token": ld**4, "backbone.pos_embed": ld**4, "backbone.patch_embed.proj.weight": ld**4,
-                "backbone.blocks.0.attn.qkv.weight": ld**3, "backbone.blocks.1.mlp.fc1.bias": ld**2,
-                "backbone.blocks.2.norm2.weight": ld**1, "backbone.norm.weight": 1.0, "head.weight": 1.0,
-                "head.bias": 1.0}
+    expected = {
+        "backbone.cls_token": ld**4,
+        "backbone.pos_embed": ld**4,
+        "backbone.patch_embed.proj.weight": ld**4,
+        "backbone.blocks.0.attn.qkv.weight": ld**3,
+        "backbone.blocks.1.mlp.fc1.bias": ld**2,
+        "backbone.blocks.2.norm2.weight": ld**1,
+        "backbone.norm.weight": 1.0,
+        "head.weight": 1.0,
+        "head.bias": 1.0,
+    }
     assert {k: scales[k] for k in expected} == pytest.approx(expected)
 
     groups = finetune_param_groups(vit, FinetuneConfig(layer_decay=ld, weight_decay=0.05), peak_lr=2e-3)
@@ -95,8 +115,11 @@ def test_layer_ids_against_timm_param_groups_layer_decay(pool):
     backbone = build_backbone("vit_tiny", img_size=32, patch_size=8, depth=3, global_pool=pool)
     ours = lr_scales(FinetuneModel(backbone, 10), ld)
     names = {id(p): n for n, p in backbone.named_parameters()}
-    timm_scales = {f"backbone.{names[id(p)]}": g["lr_scale"]
-                   for g in param_groups_layer_decay(backbone, 0.05, layer_decay=ld) for p in g["params"]}
+    timm_scales = {
+        f"backbone.{names[id(p)]}": g["lr_scale"]
+        for g in param_groups_layer_decay(backbone, 0.05, layer_decay=ld)
+        for p in g["params"]
+    }
     for name, theirs in timm_scales.items():
         if pool == "avg" or name.startswith("backbone.norm."):
             assert theirs == pytest.approx(ours[name]), name
@@ -118,8 +141,12 @@ def _smoothed(y: torch.Tensor, classes: int, s: float) -> torch.Tensor:
 def test_mixup_and_cutmix_soft_targets_by_hand(kind):
     """timm's batch mode mixes image i with image B-1-i: target = lam y_i + (1 - lam) y_{B-1-i} with y the smoothed
     one-hot (off 0.1 / 10 = 0.01, on 0.91); lam recovered from the pixels (mixup: the blend, cutmix: the box area)."""
-    cfg = FinetuneConfig(mixup=0.8 if kind == "mixup" else 0.0, cutmix=1.0 if kind == "cutmix" else 0.0,
-                         label_smoothing=0.1, batch_size=6)
+    cfg = FinetuneConfig(
+        mixup=0.8 if kind == "mixup" else 0.0,
+        cutmix=1.0 if kind == "cutmix" else 0.0,
+        label_smoothing=0.1,
+        batch_size=6,
+    )
     mixup = build_mixup(cfg, 10)
     x, y = _constant_images(6), torch.tensor([0, 1, 2, 3, 4, 5])
     np.random.seed(3)
@@ -210,8 +237,14 @@ def test_selection_on_held_out_train_never_on_test(slice_data):
         log: list = []
         torch.manual_seed(0)
         backbone = build_backbone("resnet10", cifar_stem=True, width=8)
-        res = finetune(backbone, _Logged(train, "train", log), _Logged(val, "val", log),
-                       _Logged(test, "test", log, shift), classes, cfg)
+        res = finetune(
+            backbone,
+            _Logged(train, "train", log),
+            _Logged(val, "val", log),
+            _Logged(test, "test", log, shift),
+            classes,
+            cfg,
+        )
         runs.append((res, log))
     tr_idx, va_idx = split_train_val(torch.as_tensor(train.targets), cfg.val_fraction, cfg.seed)
     for res, log in runs:
@@ -270,15 +303,31 @@ def test_bad_input_is_named(slice_data):
     with pytest.raises(ValueError, match="augment"):
         FinetuneConfig(augment="autoaugment")
     with pytest.raises(ValueError, match="pool 'token' needs a ViT"):
-        finetune(build_backbone("resnet10", cifar_stem=True, width=8), *finetune_datasets(slice_data, FinetuneConfig()),
-                 cfg=FinetuneConfig(epochs=1, **{**PLAIN, "batch_size": 20}), pool="token")
+        finetune(
+            build_backbone("resnet10", cifar_stem=True, width=8),
+            *finetune_datasets(slice_data, FinetuneConfig()),
+            cfg=FinetuneConfig(epochs=1, **{**PLAIN, "batch_size": 20}),
+            pool="token",
+        )
     train, val, test, classes = finetune_datasets(slice_data, FinetuneConfig(**PLAIN))
     with pytest.raises(ValueError, match="fewer than one batch"):
-        finetune(build_backbone("resnet10", cifar_stem=True, width=8), train, val, test, classes,
-                 FinetuneConfig(epochs=1, **{**PLAIN, "batch_size": 256}))
+        finetune(
+            build_backbone("resnet10", cifar_stem=True, width=8),
+            train,
+            val,
+            test,
+            classes,
+            FinetuneConfig(epochs=1, **{**PLAIN, "batch_size": 256}),
+        )
     with pytest.raises(ValueError, match="drop_path_rate 0 but FinetuneConfig.drop_path is 0.1"):
-        finetune(build_backbone("vit_tiny", img_size=32, patch_size=8, depth=1), train, val, test, classes,
-                 FinetuneConfig(epochs=1, **{**PLAIN, "drop_path": 0.1}))
+        finetune(
+            build_backbone("vit_tiny", img_size=32, patch_size=8, depth=1),
+            train,
+            val,
+            test,
+            classes,
+            FinetuneConfig(epochs=1, **{**PLAIN, "drop_path": 0.1}),
+        )
     with pytest.raises(ValueError, match="unknown fine-tune protocol 'mae-finetuen'"):
         get_finetune_protocol("mae-finetuen")
 
@@ -288,23 +337,65 @@ def test_presets_hold_the_seed_values():
     """spec-can-mae-imle 2.6 (MAE ViT-B / ViT-L) and spec-mmcr-mec 5.2 (MIN-MMCR backbone+linear)."""
     assert list(FINETUNE_PROTOCOLS) == ["fast", "mae-finetune", "mae-finetune-large", "min-mmcr-finetune"]
     b = FINETUNE_PROTOCOLS["mae-finetune"].config
-    assert (b.epochs, b.batch_size, b.lr, b.scale_lr, b.layer_decay, b.weight_decay, b.drop_path) == \
-        (100, 1024, 5e-4, "linear", 0.65, 0.05, 0.1)
-    assert (b.optimizer, b.betas, b.warmup_epochs, b.min_lr, b.pool, b.head_init_std) == \
-        ("adamw", (0.9, 0.999), 5, 1e-6, "avg", 2e-5)
-    assert (b.mixup, b.cutmix, b.mixup_prob, b.mixup_switch_prob, b.mixup_mode, b.label_smoothing) == \
-        (0.8, 1.0, 1.0, 0.5, "batch", 0.1)
-    assert (b.augment, b.randaugment, b.reprob, b.crop_scale, b.interpolation) == \
-        ("randaugment", "rand-m9-mstd0.5-inc1", 0.25, (0.08, 1.0), "bicubic")
+    assert (b.epochs, b.batch_size, b.lr, b.scale_lr, b.layer_decay, b.weight_decay, b.drop_path) == (
+        100,
+        1024,
+        5e-4,
+        "linear",
+        0.65,
+        0.05,
+        0.1,
+    )
+    assert (b.optimizer, b.betas, b.warmup_epochs, b.min_lr, b.pool, b.head_init_std) == (
+        "adamw",
+        (0.9, 0.999),
+        5,
+        1e-6,
+        "avg",
+        2e-5,
+    )
+    assert (b.mixup, b.cutmix, b.mixup_prob, b.mixup_switch_prob, b.mixup_mode, b.label_smoothing) == (
+        0.8,
+        1.0,
+        1.0,
+        0.5,
+        "batch",
+        0.1,
+    )
+    assert (b.augment, b.randaugment, b.reprob, b.crop_scale, b.interpolation) == (
+        "randaugment",
+        "rand-m9-mstd0.5-inc1",
+        0.25,
+        (0.08, 1.0),
+        "bicubic",
+    )
     assert b.peak_lr() == pytest.approx(2e-3)  # 5e-4 x 1024 / 256
     large = FINETUNE_PROTOCOLS["mae-finetune-large"].config
-    assert (large.epochs, large.lr, large.layer_decay, large.drop_path, large.peak_lr()) == (50, 1e-3, 0.75, 0.2,
-                                                                                           pytest.approx(4e-3))
+    assert (large.epochs, large.lr, large.layer_decay, large.drop_path, large.peak_lr()) == (
+        50,
+        1e-3,
+        0.75,
+        0.2,
+        pytest.approx(4e-3),
+    )
     m = FINETUNE_PROTOCOLS["min-mmcr-finetune"].config
-    assert (m.optimizer, m.lr, m.scale_lr, m.weight_decay, m.epochs, m.batch_size, m.warmup_epochs, m.augment) == \
-        ("adam", 1e-2, "none", 1e-6, 50, 512, 5, "ssl")
-    assert (m.layer_decay, m.mixup_active, m.label_smoothing, m.drop_path, m.head_init_std) == (1.0, False, 0.0, 0.0,
-                                                                                                None)
+    assert (m.optimizer, m.lr, m.scale_lr, m.weight_decay, m.epochs, m.batch_size, m.warmup_epochs, m.augment) == (
+        "adam",
+        1e-2,
+        "none",
+        1e-6,
+        50,
+        512,
+        5,
+        "ssl",
+    )
+    assert (m.layer_decay, m.mixup_active, m.label_smoothing, m.drop_path, m.head_init_std) == (
+        1.0,
+        False,
+        0.0,
+        0.0,
+        None,
+    )
     for p in FINETUNE_PROTOCOLS.values():
         assert 0.0 < p.config.val_fraction < 1.0, p.name  # selection on held-out train, never on test
         for text in (p.source, p.differs, p.reproduces):
@@ -327,14 +418,36 @@ def test_vit_finetune_through_the_cli(vit_ckpt, tmp_path):
     weights = torch.load(vit_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(backbone.pos_embed, weights["method.backbone.pos_embed"])
 
-    args = ["finetune", "--checkpoint", str(vit_ckpt), "--protocol", "mae-finetune", "--epochs", "1",
-            "--batch_size", "20", "--val_fraction", "0.1", "--data.in_memory", "true", "--data.num_workers", "0",
-            "--device", "cpu"]
+    args = [
+        "finetune",
+        "--checkpoint",
+        str(vit_ckpt),
+        "--protocol",
+        "mae-finetune",
+        "--epochs",
+        "1",
+        "--batch_size",
+        "20",
+        "--val_fraction",
+        "0.1",
+        "--data.in_memory",
+        "true",
+        "--data.num_workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     out = vit_ckpt.parent.parent / "eval" / "finetune-last.json"
     r = json.loads(out.read_text())
-    assert (r["protocol"], r["pool"], r["drop_path"], r["epochs"], r["n_train"], r["n_val"]) == \
-        ("mae-finetune", "avg", 0.1, 1, 180, 20)
+    assert (r["protocol"], r["pool"], r["drop_path"], r["epochs"], r["n_train"], r["n_val"]) == (
+        "mae-finetune",
+        "avg",
+        0.1,
+        1,
+        180,
+        20,
+    )
     assert r["layer_scales"] == pytest.approx([0.65**3, 0.65**2, 0.65, 1.0])
     assert r["peak_lr"] == pytest.approx(5e-4 * 20 / 256)
     assert len(r["val_top1"]) == 1 and r["best_val_epoch"] == 1 and r["steps"] == 180 // 20
@@ -347,12 +460,37 @@ def test_resnet_min_mmcr_finetune_through_the_cli(tmp_path, cifar_slice, capsys)
     and a typo in a flag or a protocol is one error line naming it."""
     ckpt = tiny_pretrain(tmp_path / "run", cifar_slice)
     out = tmp_path / "ft.json"
-    assert main(["finetune", "--checkpoint", str(ckpt), "--protocol", "min-mmcr-finetune", "--epochs", "1",
-                 "--batch_size", "20", "--data.in_memory", "true", "--data.num_workers", "0", "--device", "cpu",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(ckpt),
+                "--protocol",
+                "min-mmcr-finetune",
+                "--epochs",
+                "1",
+                "--batch_size",
+                "20",
+                "--data.in_memory",
+                "true",
+                "--data.num_workers",
+                "0",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
-    assert (r["config"]["optimizer"], r["config"]["augment"], r["layer_scales"], r["drop_path"]) == \
-        ("adam", "ssl", [1.0] * 6, 0.0)
+    assert (r["config"]["optimizer"], r["config"]["augment"], r["layer_scales"], r["drop_path"]) == (
+        "adam",
+        "ssl",
+        [1.0] * 6,
+        0.0,
+    )
     assert r["steps"] == 180 // 20 and r["best_val_epoch"] == 1
     capsys.readouterr()
     assert main(["finetune", "--checkpoint", str(ckpt), "--protocol", "mae-finetuen"]) == 1

@@ -7,13 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
-
 from kill_harness import pretrain_killed_at
+
 from selfsup.cli import main
 from selfsup.data.rounds import EpochPlan, RoundSampler, epoch_examples, rank_examples, steps_per_epoch
 from selfsup.engine.optim import method_param_groups
 from selfsup.losses.imle import imle_select
-from selfsup.losses.mae import mae_loss
 from selfsup.methods import IMLE, MAE
 from selfsup.methods.base import Batch, EpochExamples
 
@@ -24,8 +23,17 @@ LATENT = {"inject": [[1, "adain"]], "code_dim": 8, "mapping": {"depth": 2, "hidd
 
 def _imle(seed=0, **kw) -> IMLE:
     torch.manual_seed(seed)
-    args = dict(backbone=VIT, decoder=DEC, latent=LATENT, examples_per_epoch=12, iterations_per_epoch=3,
-                num_codes=6, codes_per_round=3, code_batch=5, search_precision="fp32")
+    args = dict(
+        backbone=VIT,
+        decoder=DEC,
+        latent=LATENT,
+        examples_per_epoch=12,
+        iterations_per_epoch=3,
+        num_codes=6,
+        codes_per_round=3,
+        code_batch=5,
+        search_precision="fp32",
+    )
     args.update(kw)
     return IMLE(**args)
 
@@ -35,8 +43,14 @@ def _images(n=12, seed=0) -> torch.Tensor:
 
 
 def _prepare(m: IMLE, x: torch.Tensor, seed=1) -> dict:
-    ex = EpochExamples(views=x[:, None], labels=torch.full((x.shape[0],), -1), indices=torch.arange(100, 100 + len(x)),
-                       epoch=0, step=0, generator=torch.Generator().manual_seed(seed))
+    ex = EpochExamples(
+        views=x[:, None],
+        labels=torch.full((x.shape[0],), -1),
+        indices=torch.arange(100, 100 + len(x)),
+        epoch=0,
+        step=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return m.prepare_epoch(ex)
 
 
@@ -64,7 +78,7 @@ def test_scoring_k_codes_in_one_pass_equals_one_code_at_a_time():
     scores = m.score_codes(x, mk, z)  # [4, 3]
     for i in range(4):
         for j in range(3):
-            one = m.score_codes(x[i:i + 1], mk.rows(slice(i, i + 1)), z[i * 3 + j: i * 3 + j + 1])
+            one = m.score_codes(x[i : i + 1], mk.rows(slice(i, i + 1)), z[i * 3 + j : i * 3 + j + 1])
             torch.testing.assert_close(scores[i, j], one[0, 0], rtol=1e-5, atol=1e-6)
 
 
@@ -84,7 +98,7 @@ def test_the_search_keeps_each_examples_first_strictly_best_code():
         for _ in range(2):  # 6 codes in rounds of 3
             z = m.latent.sample_codes(n * 3, g)
             rounds_z.append(z.view(n, 3, 1, 8))
-            rounds_s.append(m.score_codes(x[c:c + n], mk.rows(slice(c, c + n)), z))
+            rounds_s.append(m.score_codes(x[c : c + n], mk.rows(slice(c, c + n)), z))
         idx, score = imle_select(torch.cat(rounds_s, 1), 3)
         zs = torch.cat(rounds_z, 1)  # [n, 6, 1, 8]
         best.append(zs[torch.arange(n), idx])
@@ -100,8 +114,15 @@ def test_training_loss_uses_the_epochs_fixed_mask_and_chosen_code():
     x = _images(12)
     _prepare(m, x)
     rows = torch.tensor([7, 2, 9])
-    batch = Batch(views=x[rows][:, None], labels=torch.full((3,), -1), indices=100 + rows, step=0, max_steps=10,
-                  epoch=0, generator=torch.Generator().manual_seed(99))
+    batch = Batch(
+        views=x[rows][:, None],
+        labels=torch.full((3,), -1),
+        indices=100 + rows,
+        step=0,
+        max_steps=10,
+        epoch=0,
+        generator=torch.Generator().manual_seed(99),
+    )
     loss = m.training_loss(batch)["loss"]
     with m.latent.codes(m._codes[rows]):
         ref = m.forward_loss(x[rows], m._masking.rows(rows)).loss
@@ -109,8 +130,17 @@ def test_training_loss_uses_the_epochs_fixed_mask_and_chosen_code():
     mk = m._masking.rows(rows)
     torch.testing.assert_close(ref, m.score_codes(x[rows], mk, m._codes[rows]).mean(), rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="not prepared"):
-        m.training_loss(Batch(views=x[:1, None], labels=torch.tensor([-1]), indices=torch.tensor([5]), step=0,
-                              max_steps=10, epoch=0, generator=torch.Generator()))
+        m.training_loss(
+            Batch(
+                views=x[:1, None],
+                labels=torch.tensor([-1]),
+                indices=torch.tensor([5]),
+                step=0,
+                max_steps=10,
+                epoch=0,
+                generator=torch.Generator(),
+            )
+        )
 
 
 def test_mae_arm_has_no_codes_and_skips_the_search():
@@ -135,8 +165,16 @@ def test_bad_search_settings_are_named():
     with pytest.raises(ValueError, match="iterations"):
         _imle(0, iterations_per_epoch=0)
     with pytest.raises(ValueError, match="one view per example"):
-        _imle(0).prepare_epoch(EpochExamples(views=_images(4)[:, None].expand(-1, 2, -1, -1, -1), labels=torch.zeros(4),
-                                             indices=torch.arange(4), epoch=0, step=0, generator=torch.Generator()))
+        _imle(0).prepare_epoch(
+            EpochExamples(
+                views=_images(4)[:, None].expand(-1, 2, -1, -1, -1),
+                labels=torch.zeros(4),
+                indices=torch.arange(4),
+                epoch=0,
+                step=0,
+                generator=torch.Generator(),
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------- planned epochs
@@ -174,20 +212,55 @@ def test_epoch_steps_are_whole_passes_over_the_examples():
 VIT_ARG = "{name: vit_tiny, kwargs: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}}"
 MAE_ARGS = ["--method.init_args.backbone", VIT_ARG, "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}"]
 IMLE_ARGS = [
-    "--method", "IMLE", *MAE_ARGS,
-    "--method.init_args.latent", "{inject: [[1, adain]], code_dim: 8, mapping: {depth: 2, hidden: 16}}",
-    "--method.init_args.examples_per_epoch", "40", "--method.init_args.iterations_per_epoch", "4",
-    "--method.init_args.num_codes", "6", "--method.init_args.codes_per_round", "3",
-    "--method.init_args.code_batch", "16", "--method.init_args.search_precision", "fp32",
+    "--method",
+    "IMLE",
+    *MAE_ARGS,
+    "--method.init_args.latent",
+    "{inject: [[1, adain]], code_dim: 8, mapping: {depth: 2, hidden: 16}}",
+    "--method.init_args.examples_per_epoch",
+    "40",
+    "--method.init_args.iterations_per_epoch",
+    "4",
+    "--method.init_args.num_codes",
+    "6",
+    "--method.init_args.codes_per_round",
+    "3",
+    "--method.init_args.code_batch",
+    "16",
+    "--method.init_args.search_precision",
+    "fp32",
 ]
 COMMON = [
-    "--data.dataset", "folder", "--data.batch_size", "10", "--data.views", "1", "--data.augment", "mae_cifar",
-    "--data.view_mode", "batched", "--data.in_memory", "true", "--data.num_workers", "0",
-    "--optim.name", "adamw", "--optim.lr", "2e-3", "--trainer.logger", "none", "--trainer.progress_bar", "false",
-    "--trainer.seed", "5", "--monitor.every_n_epochs", "0", "--monitor.spectrum_every_n_steps", "0",
+    "--data.dataset",
+    "folder",
+    "--data.batch_size",
+    "10",
+    "--data.views",
+    "1",
+    "--data.augment",
+    "mae_cifar",
+    "--data.view_mode",
+    "batched",
+    "--data.in_memory",
+    "true",
+    "--data.num_workers",
+    "0",
+    "--optim.name",
+    "adamw",
+    "--optim.lr",
+    "2e-3",
+    "--trainer.logger",
+    "none",
+    "--trainer.progress_bar",
+    "false",
+    "--trainer.seed",
+    "5",
+    "--monitor.every_n_epochs",
+    "0",
+    "--monitor.spectrum_every_n_steps",
+    "0",
 ]
 BASE = [*IMLE_ARGS, *COMMON]
-
 
 
 def _state(path):
@@ -212,8 +285,9 @@ def test_resume_inside_an_imle_epoch_equals_the_uninterrupted_run(tmp_path, cifa
     assert a["global_step"] == b["global_step"] == 12
     assert any(k.startswith("method.latent.") for k in a["state_dict"])
     for k in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6,
-                                   msg=f"resumed run differs at {k}")
+        torch.testing.assert_close(
+            b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=f"resumed run differs at {k}"
+        )
     torch.testing.assert_close(b["selfsup_rank_state"][0]["codes"], a["selfsup_rank_state"][0]["codes"])
 
 
@@ -225,19 +299,57 @@ def test_imle_on_an_nway_nshot_subset_with_monitors_init_from_mae_and_code_grid(
 
     common = [*COMMON, "--data.root", str(cifar_slice), "--trainer.logger", "csv"]
     mae_run = tmp_path / "mae"
-    assert main(["pretrain", "--method", "MAE", *MAE_ARGS, *common, "--trainer.max_steps", "3",
-                 "--trainer.out_dir", str(mae_run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--method",
+                "MAE",
+                *MAE_ARGS,
+                *common,
+                "--trainer.max_steps",
+                "3",
+                "--trainer.out_dir",
+                str(mae_run),
+            ]
+        )
+        == 0
+    )
     mae_ckpt = mae_run / "checkpoints" / "last.ckpt"
     run = tmp_path / "imle"
-    assert main(["pretrain", *IMLE_ARGS, *common, "--method.init_args.init_from", str(mae_ckpt),
-                 "--data.n_way", "5", "--data.n_shot", "8", "--trainer.max_epochs", "2",
-                 "--monitor.recon_every_n_epochs", "1", "--monitor.recon_examples", "20", "--monitor.recon_codes", "4",
-                 "--monitor.fewshot_every_n_epochs", "2",
-                 "--monitor.fewshot", "{n_way: 5, n_shot: 2, n_query: 3, episodes: 4}",
-                 "--trainer.out_dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *IMLE_ARGS,
+                *common,
+                "--method.init_args.init_from",
+                str(mae_ckpt),
+                "--data.n_way",
+                "5",
+                "--data.n_shot",
+                "8",
+                "--trainer.max_epochs",
+                "2",
+                "--monitor.recon_every_n_epochs",
+                "1",
+                "--monitor.recon_examples",
+                "20",
+                "--monitor.recon_codes",
+                "4",
+                "--monitor.fewshot_every_n_epochs",
+                "2",
+                "--monitor.fewshot",
+                "{n_way: 5, n_shot: 2, n_query: 3, episodes: 4}",
+                "--trainer.out_dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     import csv
 
-    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").read_text().splitlines()))
     baseline = [float(r["val/recon_loss_baseline"]) for r in rows if r.get("val/recon_loss_baseline")]
     recon = [float(r["val/recon_loss"]) for r in rows if r.get("val/recon_loss")]
     fewshot = [float(r["fewshot/acc"]) for r in rows if r.get("fewshot/acc")]
@@ -259,18 +371,66 @@ def test_imle_on_an_nway_nshot_subset_with_monitors_init_from_mae_and_code_grid(
     ckpt = run / "checkpoints" / "last.ckpt"
     # a resumed run does not need its init_from file again (its weights come from the checkpoint)
     mae_ckpt.rename(mae_ckpt.with_name("moved.ckpt"))
-    assert main(["pretrain", *IMLE_ARGS, *common, "--method.init_args.init_from", str(mae_ckpt),
-                 "--data.n_way", "5", "--data.n_shot", "8", "--trainer.max_epochs", "3", "--trainer.out_dir", str(run),
-                 "--trainer.resume", "true"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *IMLE_ARGS,
+                *common,
+                "--method.init_args.init_from",
+                str(mae_ckpt),
+                "--data.n_way",
+                "5",
+                "--data.n_shot",
+                "8",
+                "--trainer.max_epochs",
+                "3",
+                "--trainer.out_dir",
+                str(run),
+                "--trainer.resume",
+                "true",
+            ]
+        )
+        == 0
+    )
     assert _state(ckpt)["global_step"] == 12
-    res = main(["reconstruct", "--checkpoint", str(ckpt), "--codes", "3", "--num_images", "2",
-                "--output", str(tmp_path / "grid.png")])
+    res = main(
+        [
+            "reconstruct",
+            "--checkpoint",
+            str(ckpt),
+            "--codes",
+            "3",
+            "--num_images",
+            "2",
+            "--output",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     assert res == 0
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size == (2 + 5 * 34, 2 + 2 * 34)  # 5 columns: original, masked, 3 codes
-    assert main(["fewshot", "--checkpoint", str(ckpt), "--fewshot.n_way", "5", "--fewshot.n_shot", "2",
-                 "--fewshot.episodes", "3", "--fewshot.n_query", "3", "--output", str(tmp_path / "fs.json")]) == 0
+    assert (
+        main(
+            [
+                "fewshot",
+                "--checkpoint",
+                str(ckpt),
+                "--fewshot.n_way",
+                "5",
+                "--fewshot.n_shot",
+                "2",
+                "--fewshot.episodes",
+                "3",
+                "--fewshot.n_query",
+                "3",
+                "--output",
+                str(tmp_path / "fs.json"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_ddp_two_processes_search_their_own_shares_of_the_epoch(tmp_path, cifar_slice):
@@ -278,9 +438,27 @@ def test_ddp_two_processes_search_their_own_shares_of_the_epoch(tmp_path, cifar_
     the epoch's draw); both ranks' codes are in the checkpoint; 20 examples per rank, batch 10: 2 minibatches a
     pass, ipe 4 -> 2 passes = 4 steps per epoch."""
     run = tmp_path / "ddp"
-    assert main(["pretrain", *BASE, "--data.root", str(cifar_slice), "--trainer.strategy", "ddp_spawn",
-                 "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1",
-                 "--trainer.out_dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *BASE,
+                "--data.root",
+                str(cifar_slice),
+                "--trainer.strategy",
+                "ddp_spawn",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.devices",
+                "2",
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.out_dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     ckpt = _state(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4
     states = ckpt["selfsup_rank_state"]

@@ -18,7 +18,7 @@ def _reference(scores: list[list[float]], sp: int) -> tuple[list[int], list[floa
     for row in scores:
         best_i, best_s = 0, INF
         for r in range(len(row) // sp):
-            chunk = row[r * sp:(r + 1) * sp]
+            chunk = row[r * sp : (r + 1) * sp]
             j = min(range(sp), key=lambda t: (chunk[t], t))
             if chunk[j] < best_s:
                 best_i, best_s = r * sp + j, chunk[j]
@@ -28,12 +28,14 @@ def _reference(scores: list[list[float]], sp: int) -> tuple[list[int], list[floa
 
 
 def test_hand_cases_ties_inside_and_across_rounds():
-    scores = torch.tensor([
-        [3.0, 1.0, 1.0, 2.0, 5.0, 4.0],  # tie inside round 0 (slots 1, 2): the first, index 1
-        [2.0, 4.0, 3.0, 2.0, 9.0, 2.0],  # 2.0 in rounds 0, 1, 2: never strictly smaller, keep index 0
-        [5.0, 6.0, 7.0, 4.0, 1.0, 0.5],  # strictly smaller every round: round 2, slot 1 -> index 5
-        [1.0, 0.5, 0.5, 0.25, 0.25, 9.0],  # round 1 (0.5, 0.25) beats 0.5, round 2 ties 0.25: index 3
-    ])
+    scores = torch.tensor(
+        [
+            [3.0, 1.0, 1.0, 2.0, 5.0, 4.0],  # tie inside round 0 (slots 1, 2): the first, index 1
+            [2.0, 4.0, 3.0, 2.0, 9.0, 2.0],  # 2.0 in rounds 0, 1, 2: never strictly smaller, keep index 0
+            [5.0, 6.0, 7.0, 4.0, 1.0, 0.5],  # strictly smaller every round: round 2, slot 1 -> index 5
+            [1.0, 0.5, 0.5, 0.25, 0.25, 9.0],  # round 1 (0.5, 0.25) beats 0.5, round 2 ties 0.25: index 3
+        ]
+    )
     idx, best = imle_select(scores, sp=2)
     assert idx.dtype == torch.int64
     assert idx.tolist() == [1, 0, 5, 3]

@@ -35,8 +35,9 @@ class SignVectors(Dataset):
 def _expected(bank: SignVectors, test: SignVectors, world: int, k: int) -> dict:
     """kNN over the bank in the monitor's order: rank 0's shard ``bank[0::W]``, then rank 1's, ..."""
     order = [i for r in range(world) for i in range(r, len(bank), world)]
-    return knn_accuracy(bank.x[order], torch.tensor(bank.targets)[order], test.x, torch.tensor(test.targets),
-                        num_classes=5, k=k)
+    return knn_accuracy(
+        bank.x[order], torch.tensor(bank.targets)[order], test.x, torch.tensor(test.targets), num_classes=5, k=k
+    )
 
 
 def _no_gather(*args, **kwargs):

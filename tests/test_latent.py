@@ -28,8 +28,9 @@ SMALL = MappingConfig(depth=2, hidden=32)
 
 def tiny_vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                             depth=2)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +126,8 @@ def test_k_codes_per_example_repeat_at_the_first_wrapped_block(images):
             with m.latent.codes(z[i * k + j : i * k + j + 1]):
                 one = m.encoder.forward_features(images[i : i + 1])
             torch.testing.assert_close(out[i * k + j], one[0], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="do not cover 3 token sequences"):
-        with m.latent.codes(z[:5]):
-            m.encoder(images)
+    with pytest.raises(ValueError, match="do not cover 3 token sequences"), m.latent.codes(z[:5]):
+        m.encoder(images)
 
 
 def test_equal_linear_sgd_step_by_hand():
@@ -169,8 +169,10 @@ def test_mapping_group_lr_mult_composes_with_the_equalised_lr(images):
             self.pair = Pair(inject=((1, "adain"),), mapping=MappingConfig(depth=1, lr_mul=0.1))
 
         def param_groups(self):
-            return [{"name": "encoder", "params": list(self.pair.encoder.parameters())},
-                    self.pair.latent.param_group(lr_mult=0.25, name="mapping")]
+            return [
+                {"name": "encoder", "params": list(self.pair.encoder.parameters())},
+                self.pair.latent.param_group(lr_mult=0.25, name="mapping"),
+            ]
 
     meth = Method()
     groups = method_param_groups(meth, lr=2.0, weight_decay=0.0, exclude=True)
@@ -211,15 +213,15 @@ def test_bad_specs_and_codes_are_named(images):
     with pytest.raises(ValueError, match="mapping.depth"):
         MappingConfig(depth=0)
     m = Pair()
-    with pytest.raises(ValueError, match=r"codes must be \[N, 2, 16\]"):
-        with m.latent.codes(torch.zeros(3, 1, 16)):
-            pass
+    with pytest.raises(ValueError, match=r"codes must be \[N, 2, 16\]"), m.latent.codes(torch.zeros(3, 1, 16)):
+        pass
     with pytest.raises(ValueError, match="built for width 192, the encoder's is 384"):
         LatentInjector(192, 2, LatentConfig(inject=[[0, "adain"]], code_dim=4)).attach(
-            timm.create_model("vit_small_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=2))
-    with pytest.raises(RuntimeError, match="not attached"):
-        with LatentInjector(192, 2, LatentConfig(inject=[[0, "adain"]], code_dim=16)).codes(torch.zeros(1, 1, 16)):
-            pass
+            timm.create_model("vit_small_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=2)
+        )
+    unattached = LatentInjector(192, 2, LatentConfig(inject=[[0, "adain"]], code_dim=16))
+    with pytest.raises(RuntimeError, match="not attached"), unattached.codes(torch.zeros(1, 1, 16)):
+        pass
 
 
 def test_a_deep_copy_carries_its_own_injector(images):

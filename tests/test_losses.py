@@ -159,9 +159,7 @@ def test_gradcheck_float64(lmbda: float) -> None:
     z.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: mmcr_loss(t, lmbda=lmbda), (z,), eps=1e-6, atol=1e-6)
     ema = _rand(3, 3, 5, seed=12, dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda t: mmcr_momentum_loss(t, ema, lmbda=lmbda), (z,), eps=1e-6, atol=1e-6
-    )
+    assert torch.autograd.gradcheck(lambda t: mmcr_momentum_loss(t, ema, lmbda=lmbda), (z,), eps=1e-6, atol=1e-6)
 
 
 # -------------------------------------------------------------------- momentum

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -35,6 +36,7 @@ def _forced(z1, z2, p1=None, p2=None, *, form, eps_sq=64.0, order=4, lamda_inv=N
 
 def _brute_mec_loss(z1, z2, p1, p2, lamda_inv: float, order: int) -> float:
     """float64, the m×m form with explicit matrix powers, as OFF-MEC writes it."""
+
     def T(p, z):
         m = (F.normalize(p.double(), dim=1) @ F.normalize(z.double(), dim=1).T) / lamda_inv
         return sum((-1) ** (k + 1) * torch.trace(torch.linalg.matrix_power(m, k)) / k for k in range(1, order + 1))
@@ -169,7 +171,7 @@ def test_mec_rotated_low_rank_student_is_unbounded_for_the_series_not_for_the_lo
 @pytest.mark.parametrize("lamda_inv", [0.05, 1.0, 32.0, 1000.0])
 def test_mec_order_one_is_minus_mean_cosine(lamda_inv: float) -> None:
     z1, z2, p1, p2 = (_rand(7, 5, seed=s) for s in range(10, 14))
-    cos = lambda a, b: F.cosine_similarity(a, b, dim=1).mean()  # noqa: E731
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=1).mean()
     expected = -0.5 * (cos(p1, z2) + cos(p2, z1))
     got = mec_loss(z1, z2, p1, p2, order=1, lamda_inv=lamda_inv)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -212,9 +214,9 @@ def test_mec_teacher_omitted_equals_teacher_equal_to_student() -> None:
 @pytest.mark.parametrize("m,d", [(3, 5), (5, 3)])  # one case per automatic form
 def test_mec_gradcheck_float64(m: int, d: int) -> None:
     inputs = tuple(_rand(m, d, seed=20 + s, dtype=torch.float64).requires_grad_(True) for s in range(4))
-    fn = lambda z1, z2, p1, p2: mec_loss(z1, z2, p1, p2, lamda_inv=0.8)  # noqa: E731
+    fn = lambda z1, z2, p1, p2: mec_loss(z1, z2, p1, p2, lamda_inv=0.8)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
-    fn_self = lambda z1, z2: mec_loss(z1, z2, eps_sq=2.0, order=5)  # noqa: E731
+    fn_self = lambda z1, z2: mec_loss(z1, z2, eps_sq=2.0, order=5)
     assert torch.autograd.gradcheck(fn_self, inputs[:2], eps=1e-6, atol=1e-6)
 
 
@@ -289,7 +291,7 @@ def test_mec_warmup_schedule(warmup_steps: int) -> None:
     ref = np.linspace(8 * lamda_inv, lamda_inv, warmup_steps)
     got = [mec_warmup_lamda_inv(s, warmup_steps, lamda_inv) for s in range(warmup_steps)]
     np.testing.assert_allclose(got, ref, rtol=1e-12)
-    assert all(a > b for a, b in zip(got, got[1:]))  # strictly decreasing
+    assert all(a > b for a, b in itertools.pairwise(got))  # strictly decreasing
 
 
 def test_mec_warmup_edge_cases() -> None:

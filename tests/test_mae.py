@@ -45,8 +45,15 @@ def _real_images(path, n=8) -> torch.Tensor:
 
 def _batch(views, seed=0):
     b = views.shape[0]
-    return Batch(views=views, labels=torch.full((b,), -1), indices=torch.arange(b), step=0, max_steps=10, epoch=0,
-                 generator=torch.Generator().manual_seed(seed))
+    return Batch(
+        views=views,
+        labels=torch.full((b,), -1),
+        indices=torch.arange(b),
+        step=0,
+        max_steps=10,
+        epoch=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- patches
@@ -112,8 +119,16 @@ def test_sincos_table_hand_values():
     t = sincos_pos_embed_2d(8, 3, cls_token=True)  # E/4 = 2 frequencies: 1 and 10000^(-1/2) = 0.01
     assert t.shape == (10, 8) and torch.equal(t[0], torch.zeros(8))
     i, j = 2, 1  # grid row 2, column 1 -> row 1 + 2 * 3 + 1
-    expected = [math.sin(j), math.sin(j * 0.01), math.cos(j), math.cos(j * 0.01),  # column first
-                math.sin(i), math.sin(i * 0.01), math.cos(i), math.cos(i * 0.01)]  # then row
+    expected = [
+        math.sin(j),
+        math.sin(j * 0.01),
+        math.cos(j),
+        math.cos(j * 0.01),  # column first
+        math.sin(i),
+        math.sin(i * 0.01),
+        math.cos(i),
+        math.cos(i * 0.01),
+    ]  # then row
     torch.testing.assert_close(t[1 + 3 * i + j], torch.tensor(expected))
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_pos_embed_2d(6, 2)
@@ -197,8 +212,9 @@ def test_kept_token_forward_equals_full_forward_with_masked_keys(cifar_slice):
         kept = forward_kept(m.backbone, imgs, masking.keep)  # [4, 1 + 4, D]
         full = m.backbone.forward_features(imgs, attn_mask=attn_mask)  # [4, 1 + 16, D]
     torch.testing.assert_close(kept[:, 0], full[:, 0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kept[:, 1:], torch.gather(full[:, 1:], 1, masking.keep[..., None].expand(-1, -1, 32)),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        kept[:, 1:], torch.gather(full[:, 1:], 1, masking.keep[..., None].expand(-1, -1, 32)), rtol=1e-5, atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -264,32 +280,72 @@ def test_mae_and_can_augmentation_presets():
 
     m, mc = get_preset("mae"), get_preset("mae_cifar")  # spec §4: crop (0.2, 1) bicubic + flip, nothing else
     assert (m.crop_size, m.scale, m.interpolation, m.flip_p, m.mean, m.eval_resize) == (
-        224, (0.2, 1.0), "bicubic", 0.5, IMAGENET_MEAN, 256)
+        224,
+        (0.2, 1.0),
+        "bicubic",
+        0.5,
+        IMAGENET_MEAN,
+        256,
+    )
     for a in (m, mc):
         assert a.jitter_p == a.gray_p == a.blur_p == a.solarize_p == 0.0
     assert (mc.crop_size, mc.scale, mc.mean) == (32, (0.2, 1.0), CIFAR10_MEAN)
     c, cc = get_preset("can"), get_preset("can_cifar")  # CANc: bilinear crop (0.2, 1), jitter .8, gray .2, blur .5
     assert (c.crop_size, c.scale, c.interpolation, c.jitter, c.jitter_p, c.gray_p, c.blur_p, c.solarize_p) == (
-        224, (0.2, 1.0), "bilinear", (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.0)
+        224,
+        (0.2, 1.0),
+        "bilinear",
+        (0.4, 0.4, 0.4, 0.1),
+        0.8,
+        0.2,
+        0.5,
+        0.0,
+    )
     assert (cc.crop_size, cc.scale, cc.blur_p, cc.mean) == (32, (0.2, 1.0), 0.0, CIFAR10_MEAN)
 
 
 # ------------------------------------------------------------------------------------ export, reconstruct
 def test_export_loads_into_plain_timm_with_equal_features_and_reconstruct_writes_the_grid(tmp_path, cifar_slice):
     run = tmp_path / "run"
-    assert main(["pretrain", "--config", "recipes/mae-cpu-small.yaml", "--data.dataset", "folder",
-                 "--data.root", str(cifar_slice), "--trainer.max_steps", "2", "--data.batch_size", "16",
-                 "--monitor.every_n_epochs", "0", "--trainer.logger", "none", "--trainer.progress_bar", "false",
-                 "--trainer.out_dir", str(run), "--method.init_args.backbone", VIT_CLI,
-                 "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                "recipes/mae-cpu-small.yaml",
+                "--data.dataset",
+                "folder",
+                "--data.root",
+                str(cifar_slice),
+                "--trainer.max_steps",
+                "2",
+                "--data.batch_size",
+                "16",
+                "--monitor.every_n_epochs",
+                "0",
+                "--trainer.logger",
+                "none",
+                "--trainer.progress_bar",
+                "false",
+                "--trainer.out_dir",
+                str(run),
+                "--method.init_args.backbone",
+                VIT_CLI,
+                "--method.init_args.decoder",
+                "{width: 32, depth: 1, heads: 2}",
+            ]
+        )
+        == 0
+    )
     ckpt = run / "checkpoints" / "last.ckpt"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
 
     from selfsup.reconstruct import load_method
 
     method, _ = load_method(ckpt)
-    plain = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=1,
-                              num_heads=2)
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
     plain.load_state_dict(torch.load(tmp_path / "export" / "backbone.pt", weights_only=True))  # strict
     plain.eval()
     imgs = _real_images(cifar_slice, 8)
@@ -298,10 +354,36 @@ def test_export_loads_into_plain_timm_with_equal_features_and_reconstruct_writes
     torch.testing.assert_close(plain.pos_embed[0], sincos_pos_embed_2d(32, 4))  # the fixed table, after training
 
     png = tmp_path / "grid.png"
-    assert main(["reconstruct", "--checkpoint", str(ckpt), "--output", str(png), "--num_images", "5",
-                 "--upscale", "2", "--data.num_workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--checkpoint",
+                str(ckpt),
+                "--output",
+                str(png),
+                "--num_images",
+                "5",
+                "--upscale",
+                "2",
+                "--data.num_workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     with Image.open(png) as im:  # 3 columns x 5 rows of 64 px panels, 2 px padding
         assert im.format == "PNG" and im.size == (3 * 66 + 2, 5 * 66 + 2)
     assert main(["reconstruct", "--checkpoint", str(ckpt), "--output", str(png)]) == 1  # never overwritten
-    assert main(["reconstruct", "--checkpoint", str(tmp_path / "export" / "backbone.pt"),
-                 "--output", str(tmp_path / "other.png")]) == 1  # an export has no decoder
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--checkpoint",
+                str(tmp_path / "export" / "backbone.pt"),
+                "--output",
+                str(tmp_path / "other.png"),
+            ]
+        )
+        == 1
+    )  # an export has no decoder

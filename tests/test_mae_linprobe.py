@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_finetune import tiny_vit_pretrain
 from torch.utils.data import DataLoader
 
 from selfsup.cli import main
@@ -17,7 +18,6 @@ from selfsup.engine.optim import LARS
 from selfsup.eval import PROTOCOLS, extract_features, linear_probe_cached
 from selfsup.eval.pool import current_pool, set_global_pool
 from selfsup.models import build_backbone
-from test_finetune import tiny_vit_pretrain
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,15 @@ def test_preset_holds_mae_main_linprobe_values():
     p = PROTOCOLS["mae-linprobe"]
     c = p.probe
     assert (p.augmented, p.train_augment, p.crop_interpolation) == (True, "crop_flip", "bicubic")
-    assert (c.optimizer, c.lrs, c.weight_decays, c.momentum, c.batch_size, c.epochs, c.warmup_epochs) == \
-        ("lars", (0.1,), (0.0,), 0.9, 16384, 90, 10.0)
+    assert (c.optimizer, c.lrs, c.weight_decays, c.momentum, c.batch_size, c.epochs, c.warmup_epochs) == (
+        "lars",
+        (0.1,),
+        (0.0,),
+        0.9,
+        16384,
+        90,
+        10.0,
+    )
     assert (c.scale_lr, c.feature_norm, c.final_lr_ratio, c.val_fraction) == ("linear", "bn", 0.0, 0.01)
     assert c.peak_lr(0.1) == pytest.approx(6.4)  # blr 0.1 x 16384 / 256
     assert dataclasses.replace(c, batch_size=2048).peak_lr(0.1) == pytest.approx(0.8)  # the CANc README's run
@@ -54,10 +61,12 @@ def test_mae_linprobe_head_is_parameter_free_bn_and_lars_skips_the_bias(cifar_sl
     torch.manual_seed(0)
     vit = build_backbone("vit_tiny", img_size=32, patch_size=8, depth=1)
     data = DataConfig(dataset="cifar10", root=str(cifar_slice), in_memory=True, num_workers=0)
-    feats = {s: extract_features(vit, DataLoader(build_eval_dataset(data, s), batch_size=100))
-             for s in ("train", "test")}
-    res = linear_probe_cached(*feats["train"], *feats["test"], 10, PROTOCOLS["mae-linprobe"].probe, epochs=3,
-                              batch_size=64, val_fraction=0.1)
+    feats = {
+        s: extract_features(vit, DataLoader(build_eval_dataset(data, s), batch_size=100)) for s in ("train", "test")
+    }
+    res = linear_probe_cached(
+        *feats["train"], *feats["test"], 10, PROTOCOLS["mae-linprobe"].probe, epochs=3, batch_size=64, val_fraction=0.1
+    )
 
     head = res.head
     assert isinstance(head.norm, torch.nn.BatchNorm1d) and not head.norm.affine and head.norm.eps == 1e-6
@@ -94,23 +103,51 @@ def test_pool_switch_by_hand():
     with pytest.raises(ValueError, match="pool 'token' needs a ViT with a class token; ResNetTrunk"):
         set_global_pool(resnet, "token")
     with pytest.raises(ValueError, match="no class token"):
-        set_global_pool(build_backbone("vit_tiny", img_size=32, patch_size=8, depth=1, class_token=False,
-                                       global_pool="avg"), "token")
+        set_global_pool(
+            build_backbone("vit_tiny", img_size=32, patch_size=8, depth=1, class_token=False, global_pool="avg"),
+            "token",
+        )
 
 
 def test_linear_cli_runs_mae_linprobe_with_a_pool_choice(vit_ckpt, tmp_path):
     """`selfsup linear --protocol mae-linprobe --pool avg` on a ViT checkpoint: the preset's LARS / BN head / lr, the
     augmented crop-and-flip probe, mean-token pooling; without --pool the checkpoint's own (class token)."""
-    base = ["linear", "--checkpoint", str(vit_ckpt), "--protocol", "mae-linprobe", "--data.in_memory", "true",
-            "--data.num_workers", "0", "--device", "cpu", "--probe_batch_size", "60", "--val_fraction", "0.1"]
+    base = [
+        "linear",
+        "--checkpoint",
+        str(vit_ckpt),
+        "--protocol",
+        "mae-linprobe",
+        "--data.in_memory",
+        "true",
+        "--data.num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--probe_batch_size",
+        "60",
+        "--val_fraction",
+        "0.1",
+    ]
     out = tmp_path / "avg.json"
     assert main([*base, "--epochs", "2", "--pool", "avg", "--output", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert (r["protocol"], r["pool"], r["augmented"], r["train_augment"], r["mode"]) == \
-        ("mae-linprobe", "avg", True, "crop_flip", "augmented")
+    assert (r["protocol"], r["pool"], r["augmented"], r["train_augment"], r["mode"]) == (
+        "mae-linprobe",
+        "avg",
+        True,
+        "crop_flip",
+        "augmented",
+    )
     c = r["config"]
-    assert (c["optimizer"], c["lrs"], c["weight_decays"], c["batch_size"], c["scale_lr"], c["feature_norm"]) == \
-        ("lars", [0.1], [0.0], 60, "linear", "bn")
+    assert (c["optimizer"], c["lrs"], c["weight_decays"], c["batch_size"], c["scale_lr"], c["feature_norm"]) == (
+        "lars",
+        [0.1],
+        [0.0],
+        60,
+        "linear",
+        "bn",
+    )
     assert len(r["val_curve"]) == 2 and r["n_val"] == 20 and r["epoch"] in (1, 2)
     out = tmp_path / "token.json"
     assert main([*base, "--epochs", "1", "--augmented", "false", "--output", str(out)]) == 0

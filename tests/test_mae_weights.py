@@ -31,14 +31,20 @@ def _perturb_pos(m: MAE) -> None:
 
 def _official(m: MAE, decoder: bool = True) -> dict:
     """Our MAE state dict in facebookresearch/mae's MaskedAutoencoderViT layout, written out by hand."""
-    ours = {"embed": "decoder_embed", "pos_embed": "decoder_pos_embed", "blocks": "decoder_blocks",
-            "norm": "decoder_norm", "pred": "decoder_pred", "mask_token": "mask_token"}
+    ours = {
+        "embed": "decoder_embed",
+        "pos_embed": "decoder_pos_embed",
+        "blocks": "decoder_blocks",
+        "norm": "decoder_norm",
+        "pred": "decoder_pred",
+        "mask_token": "mask_token",
+    }
     sd = {}
     for k, v in m.state_dict().items():
         if k.startswith("backbone."):
-            sd[k[len("backbone."):]] = v.clone()  # cls_token, pos_embed, patch_embed.*, blocks.*, norm.*
+            sd[k[len("backbone.") :]] = v.clone()  # cls_token, pos_embed, patch_embed.*, blocks.*, norm.*
         elif k.startswith("decoder.") and decoder:
-            head, _, rest = k[len("decoder."):].partition(".")
+            head, _, rest = k[len("decoder.") :].partition(".")
             sd[ours[head] + ("." + rest if rest else "")] = v.clone()
     return sd
 
@@ -65,9 +71,18 @@ def _assert_state_equal(a: nn.Module, b: nn.Module, prefix: str) -> None:
 
 
 def _selfsup_ckpt(m: nn.Module) -> dict:
-    return {"state_dict": {"method." + k: v.clone() for k, v in m.state_dict().items()}, "epoch": 1,
-            "global_step": 10, "selfsup": {"format": 2, "method": type(m).__name__, "backbone": VIT,
-                                           "backbones": {"online": "method.backbone."}, "num_features": 192}}
+    return {
+        "state_dict": {"method." + k: v.clone() for k, v in m.state_dict().items()},
+        "epoch": 1,
+        "global_step": 10,
+        "selfsup": {
+            "format": 2,
+            "method": type(m).__name__,
+            "backbone": VIT,
+            "backbones": {"online": "method.backbone."},
+            "num_features": 192,
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------- (a) official
@@ -153,8 +168,7 @@ def test_missing_file():
 
 
 def test_shape_mismatch_names_key_shapes_and_file(tmp_path):
-    wide = _mae(0, vit={"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2,
-                                                       "embed_dim": 96}})
+    wide = _mae(0, vit={"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 96}})
     path = tmp_path / "wide.pth"
     torch.save({"model": _official(wide)}, path)
     dst = _mae(1)

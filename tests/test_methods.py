@@ -22,8 +22,15 @@ def _views(b=6, v=3, seed=0, size=16):
 
 def _batch(views, step=0, max_steps=10):
     b = views.shape[0]
-    return Batch(views=views, labels=torch.full((b,), -1), indices=torch.arange(b), step=step, max_steps=max_steps,
-                 epoch=0, generator=torch.Generator().manual_seed(step))
+    return Batch(
+        views=views,
+        labels=torch.full((b,), -1),
+        indices=torch.arange(b),
+        step=step,
+        max_steps=max_steps,
+        epoch=0,
+        generator=torch.Generator().manual_seed(step),
+    )
 
 
 def test_loss_equals_mmcr_of_grouped_projections():
@@ -105,16 +112,17 @@ class _WithPredictor(Method):
         self.predictor = MLP([self.num_features, 8, self.num_features], last_bias=True)
 
     def param_groups(self):
-        return [{"name": "backbone", "params": list(self.backbone.parameters())},
-                {"name": "predictor", "params": list(self.predictor.parameters()), "lr_mult": 10.0,
-                 "weight_decay": 0.5}]
+        return [
+            {"name": "backbone", "params": list(self.backbone.parameters())},
+            {"name": "predictor", "params": list(self.predictor.parameters()), "lr_mult": 10.0, "weight_decay": 0.5},
+        ]
 
 
 def test_param_groups_lr_mult_weight_decay_and_no_weight_decay_names():
     m = _WithPredictor()
     groups = {g["name"]: g for g in method_param_groups(m, lr=0.1, weight_decay=0.05, exclude=True)}
     assert set(groups) == {"backbone", "backbone/no_decay", "predictor", "predictor/no_decay"}
-    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    ids = lambda g: {id(p) for p in g["params"]}
     # the ViT's position embedding and class token (no_weight_decay()) join the 1-D parameters
     assert {id(m.backbone.pos_embed), id(m.backbone.cls_token)} <= ids(groups["backbone/no_decay"])
     assert all(p.ndim > 1 for p in groups["backbone"]["params"])
@@ -133,7 +141,10 @@ def test_param_groups_must_cover_every_trainable_parameter_once():
     m.param_groups = lambda: [{"name": "backbone", "params": list(m.backbone.parameters())}]
     with pytest.raises(ValueError, match="in no parameter group: .*predictor"):
         method_param_groups(m, 0.1, 0.0, True)
-    m.param_groups = lambda: [{"params": list(m.parameters())}, {"name": "again", "params": list(m.predictor.parameters())}]
+    m.param_groups = lambda: [
+        {"params": list(m.parameters())},
+        {"name": "again", "params": list(m.predictor.parameters())},
+    ]
     with pytest.raises(ValueError, match="'again' repeats"):
         method_param_groups(m, 0.1, 0.0, True)
 

@@ -23,9 +23,16 @@ def _views(b=B, v=2, seed=0, size=16):
 
 def _batch(views, step=0, max_steps=20, steps_per_epoch=5):
     b = views.shape[0]
-    return Batch(views=views, labels=torch.full((b,), -1), indices=torch.arange(b), step=step, max_steps=max_steps,
-                 epoch=step // steps_per_epoch, generator=torch.Generator().manual_seed(step),
-                 steps_per_epoch=steps_per_epoch)
+    return Batch(
+        views=views,
+        labels=torch.full((b,), -1),
+        indices=torch.arange(b),
+        step=step,
+        max_steps=max_steps,
+        epoch=step // steps_per_epoch,
+        generator=torch.Generator().manual_seed(step),
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def _mec(**kw):
@@ -34,8 +41,12 @@ def _mec(**kw):
 
 
 def _bn_stats(module):
-    return [t.clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)
-            for t in (m.running_mean, m.running_var)]
+    return [
+        t.clone()
+        for m in module.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for t in (m.running_mean, m.running_var)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- MEC
@@ -44,8 +55,11 @@ def test_mec_architecture_follows_off_mec():
     m = _mec()
     f = m.num_features
     lin = [x for x in m.projector if isinstance(x, torch.nn.Linear)]
-    assert [(x.in_features, x.out_features, x.bias is not None) for x in lin] == [(f, f, False), (f, f, False),
-                                                                                  (f, DIM, False)]
+    assert [(x.in_features, x.out_features, x.bias is not None) for x in lin] == [
+        (f, f, False),
+        (f, f, False),
+        (f, DIM, False),
+    ]
     assert isinstance(m.projector[-1], torch.nn.BatchNorm1d) and not m.projector[-1].affine
     lin = [x for x in m.predictor if isinstance(x, torch.nn.Linear)]
     assert [(x.in_features, x.out_features, x.bias is not None) for x in lin] == [(DIM, 8, False), (8, DIM, True)]

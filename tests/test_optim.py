@@ -53,9 +53,7 @@ def test_lars_hand_computed_two_steps() -> None:
     opt.step()
     w_norm = math.sqrt(2.975**2 + 4.0**2)
     mu00 = mom * 0.05 + eta * w_norm
-    torch.testing.assert_close(
-        w.detach(), torch.tensor([[2.975 - lr * mu00, 0.0], [0.0, 4.0]], dtype=torch.float64)
-    )
+    torch.testing.assert_close(w.detach(), torch.tensor([[2.975 - lr * mu00, 0.0], [0.0, 4.0]], dtype=torch.float64))
     # Bias: mu = 0.9·0.5 + 0.5 = 0.95; b -= 0.475.
     torch.testing.assert_close(b.detach(), torch.tensor([0.275, -2.725], dtype=torch.float64))
 

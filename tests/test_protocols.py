@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_cli import _Stop, tiny_pretrain
 
 from selfsup.cli import _pretrain_parser, main, run_linear
 from selfsup.eval import PROTOCOLS, ProbeConfig, ProbeResult, get_protocol
 from selfsup.eval.protocols import resolve
-from test_cli import _Stop, tiny_pretrain
 
 RECIPE_PROTOCOL = {
     "cpu-small": "fast",
@@ -56,23 +56,62 @@ def tiny_ckpt(tmp_path_factory, cifar_slice) -> Path:
 
 def _fields(p):
     c = p.probe
-    return (p.augmented, p.train_augment, c.optimizer, c.lrs, c.weight_decays, c.batch_size, c.epochs,
-            c.warmup_epochs, c.scale_lr, c.feature_norm)
+    return (
+        p.augmented,
+        p.train_augment,
+        c.optimizer,
+        c.lrs,
+        c.weight_decays,
+        c.batch_size,
+        c.epochs,
+        c.warmup_epochs,
+        c.scale_lr,
+        c.feature_norm,
+    )
 
 
 def test_presets_hold_the_seed_values():
     """Spec §5.2 / §7: (augmented, train augmentation, optimiser, lr, wd, batch, epochs, warm-up, lr scaling, head)."""
-    assert list(PROTOCOLS) == ["fast", "off-mmcr-cifar", "off-mmcr-imagenet", "min-mmcr", "mec-imagenet",
-                              "mae-linprobe"]  # mae-linprobe: tests/test_mae_linprobe.py
+    assert list(PROTOCOLS) == [
+        "fast",
+        "off-mmcr-cifar",
+        "off-mmcr-imagenet",
+        "min-mmcr",
+        "mec-imagenet",
+        "mae-linprobe",
+    ]  # mae-linprobe: tests/test_mae_linprobe.py
     # OFF-MEC main_lincls.py + linear.sh: LARC-wrapped SGD 0.03 x B/256, wd 0, batch 4096, BN(affine=False) head
-    assert _fields(PROTOCOLS["mec-imagenet"]) == (True, "crop_flip", "lars", (0.03,), (0.0,), 4096, 100, 0.0, "linear",
-                                                   "bn")
+    assert _fields(PROTOCOLS["mec-imagenet"]) == (
+        True,
+        "crop_flip",
+        "lars",
+        (0.03,),
+        (0.0,),
+        4096,
+        100,
+        0.0,
+        "linear",
+        "bn",
+    )
     assert PROTOCOLS["mec-imagenet"].probe.peak_lr(0.03) == pytest.approx(0.48)
     assert PROTOCOLS["mec-imagenet"].crop_interpolation == "bilinear"
     assert _fields(PROTOCOLS["off-mmcr-cifar"]) == (True, "ssl", "adam", (0.1,), (1e-6,), 1024, 50, 0.0, "none", "none")
-    assert _fields(PROTOCOLS["off-mmcr-imagenet"]) == (True, "crop_flip", "sgd", (0.3,), (1e-6,), 2048, 100, 0.0, "none",
-                                                        "none")
-    assert PROTOCOLS["off-mmcr-imagenet"].probe.momentum == 0.9 and PROTOCOLS["off-mmcr-imagenet"].crop_interpolation == "bicubic"
+    assert _fields(PROTOCOLS["off-mmcr-imagenet"]) == (
+        True,
+        "crop_flip",
+        "sgd",
+        (0.3,),
+        (1e-6,),
+        2048,
+        100,
+        0.0,
+        "none",
+        "none",
+    )
+    assert (
+        PROTOCOLS["off-mmcr-imagenet"].probe.momentum == 0.9
+        and PROTOCOLS["off-mmcr-imagenet"].crop_interpolation == "bicubic"
+    )
     assert _fields(PROTOCOLS["min-mmcr"]) == (True, "ssl", "adam", (1e-2,), (1e-6,), 512, 50, 5.0, "none", "none")
     assert _fields(PROTOCOLS["fast"]) == (False, None, "sgd", (0.1, 0.3, 1.0), (0.0, 1e-5), 256, 100, 0.0, "none", "bn")
     for p in PROTOCOLS.values():
@@ -89,7 +128,9 @@ def test_explicit_values_override_only_themselves():
     assert p.probe == dataclasses.replace(PROTOCOLS["min-mmcr"].probe, epochs=3, lrs=(0.5,))
     assert (p.augmented, p.train_augment) == (True, "ssl")
     cached = resolve("off-mmcr-imagenet", augmented=False)
-    assert (cached.augmented, cached.train_augment) == (False, None) and cached.probe == PROTOCOLS["off-mmcr-imagenet"].probe
+    assert (cached.augmented, cached.train_augment) == (False, None) and cached.probe == PROTOCOLS[
+        "off-mmcr-imagenet"
+    ].probe
     assert resolve("fast", augmented=True).train_augment == "ssl"
     assert PROTOCOLS["fast"].probe == ProbeConfig(epochs=100, lrs=(0.1, 0.3, 1.0), weight_decays=(0.0, 1e-5))
 
@@ -120,9 +161,20 @@ def _capture(monkeypatch) -> dict:
     seen: dict = {}
 
     def result(cfg, mode):
-        return ProbeResult(val_top1=0.0, test_top1=0.0, test_top5=0.0, test_top1_last=0.0, test_top5_last=0.0,
-                           lr=cfg.lrs[0], weight_decay=cfg.weight_decays[0], epoch=1, epochs=cfg.epochs, seconds=0.0,
-                           mode=mode, config=dataclasses.asdict(cfg))
+        return ProbeResult(
+            val_top1=0.0,
+            test_top1=0.0,
+            test_top5=0.0,
+            test_top1_last=0.0,
+            test_top5_last=0.0,
+            lr=cfg.lrs[0],
+            weight_decay=cfg.weight_decays[0],
+            epoch=1,
+            epochs=cfg.epochs,
+            seconds=0.0,
+            mode=mode,
+            config=dataclasses.asdict(cfg),
+        )
 
     def cached(train_f, train_y, test_f, test_y, num_classes, cfg, device="cpu"):
         seen.update(mode="cached", cfg=cfg)
@@ -156,8 +208,18 @@ def test_linear_uses_the_recipe_protocol_else_fast_and_flags_override(tiny_ckpt,
 
     exported = tmp_path / "export"
     assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(exported)]) == 0
-    out = run_linear(["--checkpoint", str(exported), "--data.dataset", "cifar10", "--data.root",
-                      str(Path(ckpt_cfg["data"]["root"])), "--data.num_workers", "0"])
+    out = run_linear(
+        [
+            "--checkpoint",
+            str(exported),
+            "--data.dataset",
+            "cifar10",
+            "--data.root",
+            str(Path(ckpt_cfg["data"]["root"])),
+            "--data.num_workers",
+            "0",
+        ]
+    )
     assert out["protocol"] == "fast" and seen["mode"] == "cached"
 
 
@@ -182,14 +244,26 @@ def test_off_mmcr_imagenet_probe_trains_on_crop_and_flip_only(tiny_ckpt, monkeyp
     """The seeds' ImageNet probe: RandomResizedCrop(224, bicubic) + flip, nothing else; the pretraining
     augmentation (jitter, grayscale, blur, solarize) must not leak into it (it did before: the augmented probe
     reused the pretraining pipeline)."""
-    aug = _probe_augment(monkeypatch, ["--checkpoint", str(tiny_ckpt), "--protocol", "off-mmcr-imagenet",
-                                       "--data.augment", "imagenet", "--data.num_workers", "0"])
+    aug = _probe_augment(
+        monkeypatch,
+        [
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--protocol",
+            "off-mmcr-imagenet",
+            "--data.augment",
+            "imagenet",
+            "--data.num_workers",
+            "0",
+        ],
+    )
     assert (aug.crop_size, aug.scale, aug.interpolation, aug.flip_p) == (224, (0.08, 1.0), "bicubic", 0.5)
     assert (aug.jitter_p, aug.gray_p, aug.blur_p, aug.solarize_p) == (0.0, 0.0, 0.0, 0.0)
     assert aug.mean == (0.485, 0.456, 0.406) and aug.eval_resize == 256
     # the SSL protocols keep the pretraining augmentation (one view)
-    ssl = _probe_augment(monkeypatch, ["--checkpoint", str(tiny_ckpt), "--protocol", "off-mmcr-cifar",
-                                       "--data.num_workers", "0"])
+    ssl = _probe_augment(
+        monkeypatch, ["--checkpoint", str(tiny_ckpt), "--protocol", "off-mmcr-cifar", "--data.num_workers", "0"]
+    )
     assert (ssl.jitter_p, ssl.gray_p, ssl.crop_size) == (0.8, 0.2, 32)
 
 
@@ -200,19 +274,38 @@ def test_min_mmcr_solarize_parity_through_the_cli(tmp_path, cifar_slice, monkeyp
     from selfsup.data.transforms import per_image_transform
 
     parser = _pretrain_parser()
-    cfg = parser.parse_args(["--config", "recipes/min-mmcr-cifar10.yaml", "--data.augment_overrides",
-                             "{solarize_threshold: 0.0039}"])
+    cfg = parser.parse_args(
+        ["--config", "recipes/min-mmcr-cifar10.yaml", "--data.augment_overrides", "{solarize_threshold: 0.0039}"]
+    )
     aug = train_pipelines(parser.instantiate(cfg).data)[0]
     assert (aug.solarize_threshold, aug.solarize_p, aug.gray_p) == (0.0039, 0.2, 0.1)
     image = torch.tensor([0, 1, 2, 127, 128, 255], dtype=torch.uint8).view(1, 1, 6).expand(3, 6, 6).contiguous()
-    only_solarize = dict(crop_size=6, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0,
-                         blur_p=0.0, solarize_p=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    only_solarize = dict(
+        crop_size=6,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        gray_p=0.0,
+        blur_p=0.0,
+        solarize_p=1.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
     for threshold, expected in ((0.0039, [0, 254, 253, 128, 127, 0]), (0.5, [0, 1, 2, 127, 127, 0])):
         out = per_image_transform(dataclasses.replace(aug, solarize_threshold=threshold, **only_solarize))(image)
         assert out[0, 0].mul(255).round().int().tolist() == expected, threshold
 
-    ckpt = tiny_pretrain(tmp_path / "run", cifar_slice, "--data.augment", "cifar_min", "--data.augment_overrides",
-                         "{solarize_threshold: 0.0039}", "--protocol", "min-mmcr")
+    ckpt = tiny_pretrain(
+        tmp_path / "run",
+        cifar_slice,
+        "--data.augment",
+        "cifar_min",
+        "--data.augment_overrides",
+        "{solarize_threshold: 0.0039}",
+        "--protocol",
+        "min-mmcr",
+    )
     probe_aug = _probe_augment(monkeypatch, ["--checkpoint", str(ckpt), "--data.num_workers", "0"])
     assert (probe_aug.solarize_threshold, probe_aug.solarize_p) == (0.0039, 0.2)
 

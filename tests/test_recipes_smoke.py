@@ -23,19 +23,47 @@ CPU_SMALL = {
     "cpu-small": ("MMCR", ["--method.init_args.projector", "[32, 16]"]),
     "mec-cpu-small": ("MEC", ["--method.init_args.dim", "32", "--method.init_args.pred_dim", "16"]),
     "simclr-cpu-small": ("SimCLR", ["--method.init_args.projector", "[32, 16]"]),
-    "byol-cpu-small": ("BYOL", ["--method.init_args.projector", "[32, 16]",
-                                "--method.init_args.predictor_hidden", "32"]),
-    "mae-cpu-small": ("MAE", ["--method.init_args.backbone", TINY_VIT,
-                              "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}"]),
-    "can-cpu-small": ("CAN", ["--method.init_args.backbone", TINY_VIT,
-                              "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}",
-                              "--method.init_args.proj_dim", "16"]),
-    **{r: ("IMLE", ["--method.init_args.backbone", TINY_VIT,
-                    "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}",
-                    "--method.init_args.latent", "{inject: [[0, adain]], code_dim: 8, mapping: {depth: 2, hidden: 16}}",
-                    "--method.init_args.examples_per_epoch", "48", "--method.init_args.num_codes", "4",
-                    "--method.init_args.codes_per_round", "2", "--monitor.recon_every_n_epochs", "0"])
-       for r in ("imle-cpu-small", "imle-cpu-small-mae-arm")},
+    "byol-cpu-small": (
+        "BYOL",
+        ["--method.init_args.projector", "[32, 16]", "--method.init_args.predictor_hidden", "32"],
+    ),
+    "mae-cpu-small": (
+        "MAE",
+        ["--method.init_args.backbone", TINY_VIT, "--method.init_args.decoder", "{width: 32, depth: 1, heads: 2}"],
+    ),
+    "can-cpu-small": (
+        "CAN",
+        [
+            "--method.init_args.backbone",
+            TINY_VIT,
+            "--method.init_args.decoder",
+            "{width: 32, depth: 1, heads: 2}",
+            "--method.init_args.proj_dim",
+            "16",
+        ],
+    ),
+    **{
+        r: (
+            "IMLE",
+            [
+                "--method.init_args.backbone",
+                TINY_VIT,
+                "--method.init_args.decoder",
+                "{width: 32, depth: 1, heads: 2}",
+                "--method.init_args.latent",
+                "{inject: [[0, adain]], code_dim: 8, mapping: {depth: 2, hidden: 16}}",
+                "--method.init_args.examples_per_epoch",
+                "48",
+                "--method.init_args.num_codes",
+                "4",
+                "--method.init_args.codes_per_round",
+                "2",
+                "--monitor.recon_every_n_epochs",
+                "0",
+            ],
+        )
+        for r in ("imle-cpu-small", "imle-cpu-small-mae-arm")
+    },
 }
 
 #: method -> the recipes expected to exist for it
@@ -45,8 +73,14 @@ RECIPES = {
     "BYOL": ["byol-cifar10", "byol-cifar100", "byol-cpu-small"],
     "MAE": ["mae-imagenet", "mae-cifar10", "mae-cpu-small"],
     "CAN": ["can-imagenet", "can-cifar10", "can-cpu-small"],
-    "IMLE": ["imle-imagenet", "imle-imagenet-mae-arm", "imle-cifar10", "imle-cifar10-mae-arm", "imle-cpu-small",
-             "imle-cpu-small-mae-arm"],
+    "IMLE": [
+        "imle-imagenet",
+        "imle-imagenet-mae-arm",
+        "imle-cifar10",
+        "imle-cifar10-mae-arm",
+        "imle-cpu-small",
+        "imle-cpu-small-mae-arm",
+    ],
 }
 VIEWS = {"MAE": 1, "IMLE": 1}  #: views per image where not 2
 
@@ -55,11 +89,29 @@ VIEWS = {"MAE": 1, "IMLE": 1}  #: views per image where not 2
 def test_cpu_small_recipe_pretrains_and_evaluates(recipe, tmp_path, cifar_slice):
     method, heads = CPU_SMALL[recipe]
     run = tmp_path / "run"
-    args = ["pretrain", "--config", f"recipes/{recipe}.yaml", "--data.dataset", "folder",
-            "--data.root", str(cifar_slice),
-            "--trainer.max_steps", "3", "--data.batch_size", "16", "--monitor.every_n_epochs", "0",
-            "--trainer.logger", "none", "--trainer.progress_bar", "false", "--trainer.out_dir", str(run),
-            *([] if "--method.init_args.backbone" in heads else ["--method.init_args.backbone", TINY]), *heads]
+    args = [
+        "pretrain",
+        "--config",
+        f"recipes/{recipe}.yaml",
+        "--data.dataset",
+        "folder",
+        "--data.root",
+        str(cifar_slice),
+        "--trainer.max_steps",
+        "3",
+        "--data.batch_size",
+        "16",
+        "--monitor.every_n_epochs",
+        "0",
+        "--trainer.logger",
+        "none",
+        "--trainer.progress_bar",
+        "false",
+        "--trainer.out_dir",
+        str(run),
+        *([] if "--method.init_args.backbone" in heads else ["--method.init_args.backbone", TINY]),
+        *heads,
+    ]
     assert main(args) == 0
     ckpt = run / "checkpoints" / "last.ckpt"
     meta = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -69,8 +121,9 @@ def test_cpu_small_recipe_pretrains_and_evaluates(recipe, tmp_path, cifar_slice)
     assert (tmp_path / "export" / "backbone.safetensors").is_file()
     if "teacher" in meta["selfsup"]["backbones"]:  # MEC, BYOL: the EMA teacher is evaluable by name
         assert method in ("MEC", "BYOL")
-        assert main(["knn", "--checkpoint", str(ckpt), "--which", "teacher", "--k", "10",
-                     "--data.num_workers", "0"]) == 0
+        assert (
+            main(["knn", "--checkpoint", str(ckpt), "--which", "teacher", "--k", "10", "--data.num_workers", "0"]) == 0
+        )
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in Path("recipes").glob("*.yaml")))
@@ -94,7 +147,15 @@ def test_new_methods_have_their_recipes(method):
 def test_simclr_and_byol_presets():
     s, sc = get_preset("simclr"), get_preset("simclr_cifar")
     assert (s.crop_size, s.scale, s.jitter, s.jitter_p, s.gray_p, s.blur_p, s.solarize_p, s.mean) == (
-        224, (0.08, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.0, IMAGENET_MEAN)
+        224,
+        (0.08, 1.0),
+        (0.4, 0.4, 0.4, 0.1),
+        0.8,
+        0.2,
+        0.5,
+        0.0,
+        IMAGENET_MEAN,
+    )
     assert (sc.crop_size, sc.jitter, sc.blur_p, sc.mean) == (32, (0.4, 0.4, 0.4, 0.1), 0.0, CIFAR10_MEAN)
     a, b = get_preset("byol")
     assert (a.crop_size, a.blur_p, a.solarize_p, b.blur_p, b.solarize_p) == (224, 1.0, 0.0, 0.1, 0.2)
@@ -103,8 +164,9 @@ def test_simclr_and_byol_presets():
     assert (a.blur_p, a.solarize_p, b.blur_p, b.solarize_p) == (0.0, 0.0, 0.0, 0.2)
 
 
-@pytest.mark.parametrize("name", ["simclr", "simclr_cifar", "byol", "byol_cifar", "mec", "mae", "mae_cifar", "can",
-                                  "can_cifar"])
+@pytest.mark.parametrize(
+    "name", ["simclr", "simclr_cifar", "byol", "byol_cifar", "mec", "mae", "mae_cifar", "can", "can_cifar"]
+)
 def test_new_presets_work_in_both_view_modes(name):
     """Batched views (uint8 batch on the device) and per-image views (PIL or uint8, loader workers)."""
     size = as_pipelines(name)[0].crop_size

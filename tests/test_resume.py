@@ -8,16 +8,39 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kill_harness import pretrain_killed_at
+
 from selfsup.cli import main
 
 BASE = [
-    "--method", "MMCR", "--method.init_args.backbone", "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
-    "--method.init_args.projector", "[16, 8]", "--data.dataset", "cifar10", "--data.batch_size", "25",
-    "--data.views", "2", "--data.augment", "cifar10", "--optim.name", "adam", "--optim.lr", "3e-3",
-    "--optim.schedule", "cosine", "--trainer.logger", "none", "--trainer.progress_bar", "false",
-    "--trainer.seed", "3", "--monitor.every_n_epochs", "0",
+    "--method",
+    "MMCR",
+    "--method.init_args.backbone",
+    "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
+    "--method.init_args.projector",
+    "[16, 8]",
+    "--data.dataset",
+    "cifar10",
+    "--data.batch_size",
+    "25",
+    "--data.views",
+    "2",
+    "--data.augment",
+    "cifar10",
+    "--optim.name",
+    "adam",
+    "--optim.lr",
+    "3e-3",
+    "--optim.schedule",
+    "cosine",
+    "--trainer.logger",
+    "none",
+    "--trainer.progress_bar",
+    "false",
+    "--trainer.seed",
+    "3",
+    "--monitor.every_n_epochs",
+    "0",
 ]
 MODES = {
     "batched": ["--data.view_mode", "batched", "--data.in_memory", "true", "--data.num_workers", "0"],
@@ -25,11 +48,10 @@ MODES = {
 }
 
 
-
 def _losses(metrics_csv: Path) -> dict[int, float]:
     """``{step: train/loss}`` of a run's metrics.csv; a step logged twice is an error."""
     out: dict[int, float] = {}
-    for row in csv.DictReader(open(metrics_csv, newline="")):
+    for row in csv.DictReader(Path(metrics_csv).read_text().splitlines()):
         if row.get("train/loss"):
             step = int(row["step"])
             assert step not in out, f"step {step} logged twice in {metrics_csv}"
@@ -46,8 +68,20 @@ def test_kill_after_a_mid_epoch_checkpoint_then_resume_equals_the_uninterrupted_
     """200 images / 25 = 8 steps per epoch, 2 epochs; step checkpoints every 3 steps; SIGKILL at step 11, so the
     newest checkpoint (step 9) is in the middle of epoch 1. Before the fix the resumed epoch restarted from its
     first batch (and per-image views from fresh worker RNG), so the weights differed."""
-    args = [*BASE, *MODES[mode], "--data.root", str(cifar_slice), "--trainer.max_epochs", "2",
-            "--trainer.save_every_n_steps", "3", "--trainer.logger", "csv", "--trainer.log_every_n_steps", "1"]
+    args = [
+        *BASE,
+        *MODES[mode],
+        "--data.root",
+        str(cifar_slice),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.save_every_n_steps",
+        "3",
+        "--trainer.logger",
+        "csv",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0
 
@@ -60,8 +94,9 @@ def test_kill_after_a_mid_epoch_checkpoint_then_resume_equals_the_uninterrupted_
     a, b = _state(run_a / "checkpoints" / "last.ckpt"), _state(run_b / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 16
     for k in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6,
-                                   msg=f"resumed run differs at {k}")
+        torch.testing.assert_close(
+            b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=f"resumed run differs at {k}"
+        )
     # the resumed run's metrics.csv continues the killed run's: every step's loss once, equal to the uninterrupted run's
     # (Lightning's CSVLogger deleted the file on resume, and with it steps 0-8)
     loss_a, loss_b = (_losses(r / "logs" / "metrics.csv") for r in (run_a, run_b))
@@ -74,26 +109,66 @@ def test_last_checkpoint_is_the_newest_save_of_either_checkpointer(tmp_path, cif
     """8 steps per epoch, step saves every 3: killed as epoch 1 starts (global step 8), the newest save is the end of
     epoch 0 (step 8), after the step save at 6. last.ckpt must hold step 8 (it held 6, and the epoch save went to a
     last-v1.ckpt)."""
-    args = [*BASE, *MODES["batched"], "--data.root", str(cifar_slice), "--trainer.max_epochs", "2",
-            "--trainer.save_every_n_steps", "3", "--trainer.out_dir", str(tmp_path / "run")]
+    args = [
+        *BASE,
+        *MODES["batched"],
+        "--data.root",
+        str(cifar_slice),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.save_every_n_steps",
+        "3",
+        "--trainer.out_dir",
+        str(tmp_path / "run"),
+    ]
     proc = pretrain_killed_at(8, args, tmp_path)
     assert proc.returncode == -9, proc.stderr[-3000:]
     ckpts = tmp_path / "run" / "checkpoints"
     assert _state(ckpts / "last.ckpt")["global_step"] == 8
-    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch0000.ckpt", "last.ckpt", "step00000003.ckpt",
-                                                            "step00000006.ckpt"]
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == [
+        "epoch0000.ckpt",
+        "last.ckpt",
+        "step00000003.ckpt",
+        "step00000006.ckpt",
+    ]
 
 
 def test_last_checkpoint_always_holds_the_final_step(tmp_path, cifar_slice):
     """Stops between periodic saves: max_steps mid-epoch, and max_epochs not a multiple of the save period."""
     common = [*BASE, *MODES["batched"], "--data.root", str(cifar_slice), "--data.subset", "100"]  # 4 steps / epoch
     run = tmp_path / "steps"
-    assert main(["pretrain", *common, "--trainer.max_epochs", "5", "--trainer.max_steps", "6",
-                 "--trainer.out_dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *common,
+                "--trainer.max_epochs",
+                "5",
+                "--trainer.max_steps",
+                "6",
+                "--trainer.out_dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == 6
     run = tmp_path / "epochs"
-    assert main(["pretrain", *common, "--trainer.max_epochs", "3", "--trainer.save_every_n_epochs", "2",
-                 "--trainer.out_dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *common,
+                "--trainer.max_epochs",
+                "3",
+                "--trainer.save_every_n_epochs",
+                "2",
+                "--trainer.out_dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert _state(run / "checkpoints" / "last.ckpt")["global_step"] == 12
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["epoch0001.ckpt", "last.ckpt"]
 
@@ -103,9 +178,10 @@ def test_random_streams_are_keyed_on_step_rank_micro_batch_and_purpose():
     from selfsup.engine.module import STREAM_METHOD, STREAM_VIEWS, SelfSupModule
     from selfsup.methods import MMCR
 
-    module = SelfSupModule(MMCR(backbone={"name": "resnet10", "kwargs": {"width": 4}}, projector=[8, 4]),
-                           OptimConfig(), seed=5)
-    draw = lambda *a: torch.rand(4, generator=module.generator(*a, device=torch.device("cpu")))  # noqa: E731
+    module = SelfSupModule(
+        MMCR(backbone={"name": "resnet10", "kwargs": {"width": 4}}, projector=[8, 4]), OptimConfig(), seed=5
+    )
+    draw = lambda *a: torch.rand(4, generator=module.generator(*a, device=torch.device("cpu")))
     torch.testing.assert_close(draw(STREAM_METHOD, 7, 0), draw(STREAM_METHOD, 7, 0))  # same key, same numbers
     seen = [draw(STREAM_METHOD, 7, 0), draw(STREAM_METHOD, 7, 1), draw(STREAM_METHOD, 8, 0), draw(STREAM_VIEWS, 7, 0)]
     for i in range(len(seen)):
@@ -122,7 +198,11 @@ def test_make_views_is_one_keyed_call_the_method_can_make(mode):
     from selfsup.engine.module import SelfSupModule
     from selfsup.methods import MMCR
 
-    maker = BatchedViews("cifar10", 4) if mode == "batched" else PerImageViews(MultiViewTransform([get_preset("cifar10")], 4))
+    maker = (
+        BatchedViews("cifar10", 4)
+        if mode == "batched"
+        else PerImageViews(MultiViewTransform([get_preset("cifar10")], 4))
+    )
     method = MMCR(backbone={"name": "resnet10", "kwargs": {"width": 4}}, projector=[8, 4])
     module = SelfSupModule(method, OptimConfig(), view_maker=maker, views_on_device=mode == "batched", seed=1)
     module.on_fit_start()  # binds the engine's make_views into the method

@@ -8,19 +8,46 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import make_cifar_slice
 from torch.utils.data import DataLoader
 
-from conftest import make_cifar_slice
 from selfsup.cli import main
 
 RUN_ARGS = [
-    "--method", "MMCR", "--method.init_args.backbone", "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
-    "--method.init_args.projector", "[16, 8]", "--data.dataset", "cifar10", "--data.batch_size", "20",
-    "--data.views", "2", "--data.view_mode", "batched", "--data.in_memory", "true", "--data.num_workers", "0",
-    "--optim.lr", "0.01", "--trainer.logger", "none", "--trainer.progress_bar", "false",
-    "--monitor.every_n_epochs", "0", "--monitor.spectrum_every_n_steps", "0",
-    "--trainer.max_epochs", "5", "--trainer.max_steps", "6", "--trainer.save_every_n_steps", "2",
+    "--method",
+    "MMCR",
+    "--method.init_args.backbone",
+    "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
+    "--method.init_args.projector",
+    "[16, 8]",
+    "--data.dataset",
+    "cifar10",
+    "--data.batch_size",
+    "20",
+    "--data.views",
+    "2",
+    "--data.view_mode",
+    "batched",
+    "--data.in_memory",
+    "true",
+    "--data.num_workers",
+    "0",
+    "--optim.lr",
+    "0.01",
+    "--trainer.logger",
+    "none",
+    "--trainer.progress_bar",
+    "false",
+    "--monitor.every_n_epochs",
+    "0",
+    "--monitor.spectrum_every_n_steps",
+    "0",
+    "--trainer.max_epochs",
+    "5",
+    "--trainer.max_steps",
+    "6",
+    "--trainer.save_every_n_steps",
+    "2",
 ]
 SELECT = ["--data.num_workers", "0", "--data.in_memory", "true", "--k", "20"]
 
@@ -106,10 +133,10 @@ def test_wrong_test_labels_give_the_same_pick(selected, by):
 
 
 def test_rankme_score_is_rankme_of_the_train_subset_features(run, selected):
+    from selfsup.cli import EvalData, eval_data_config
     from selfsup.data.build import build_eval_dataset
     from selfsup.eval.features import extract_features
     from selfsup.eval.load import checkpoint_meta, load_backbone
-    from selfsup.cli import EvalData, eval_data_config
     from selfsup.losses.spectrum import rankme
 
     res = selected("rankme")
@@ -128,10 +155,14 @@ def test_the_test_split_is_opened_only_after_the_pick(run, selected, monkeypatch
 
     events: list[str] = []
     real_build, real_score = build.build_eval_dataset, select._Scorer.select_score
-    monkeypatch.setattr(build, "build_eval_dataset", lambda cfg, split, *a, **k: (events.append(f"open {split}"),
-                                                                                  real_build(cfg, split, *a, **k))[1])
-    monkeypatch.setattr(select._Scorer, "select_score",
-                        lambda self, b: (events.append("score"), real_score(self, b))[1])
+    monkeypatch.setattr(
+        build,
+        "build_eval_dataset",
+        lambda cfg, split, *a, **k: (events.append(f"open {split}"), real_build(cfg, split, *a, **k))[1],
+    )
+    monkeypatch.setattr(
+        select._Scorer, "select_score", lambda self, b: (events.append("score"), real_score(self, b))[1]
+    )
     last = run / "checkpoints" / "last.ckpt"
     data = eval_data_config(EvalData(in_memory=True, num_workers=0), checkpoint_meta(last), str(last))
     res = select.select_checkpoint(run, data, select.SelectOptions(by="knn", k=20, diagnostic_best_on_test=True))

@@ -83,20 +83,31 @@ def test_spectrum_stats_of_each_embedding_form():
         SpectrumMonitor(0)
 
 
-@pytest.mark.parametrize("cls,kwargs", [
-    (MMCR, {"projector": [16, 8]}),
-    (SimCLR, {"projector": [16, 8]}),
-    (BYOL, {"projector": [16, 8], "predictor_hidden": 16}),
-    (MEC, {"dim": 8, "pred_dim": 4, "hidden_dim": 16}),
-])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (MMCR, {"projector": [16, 8]}),
+        (SimCLR, {"projector": [16, 8]}),
+        (BYOL, {"projector": [16, 8], "predictor_hidden": 16}),
+        (MEC, {"dim": 8, "pred_dim": 4, "hidden_dim": 16}),
+    ],
+)
 def test_every_method_returns_detached_embeddings_of_the_step(cls, kwargs):
     from selfsup.methods.base import Batch
 
     torch.manual_seed(0)
     method = cls(backbone=TINY_BACKBONE, **kwargs)
     views = torch.randn(6, 2, 3, 32, 32)
-    batch = Batch(views=views, labels=torch.zeros(6, dtype=torch.long), indices=torch.arange(6), step=0,
-                  max_steps=10, epoch=0, generator=torch.Generator().manual_seed(0), steps_per_epoch=10)
+    batch = Batch(
+        views=views,
+        labels=torch.zeros(6, dtype=torch.long),
+        indices=torch.arange(6),
+        step=0,
+        max_steps=10,
+        epoch=0,
+        generator=torch.Generator().manual_seed(0),
+        steps_per_epoch=10,
+    )
     out = method.training_loss(batch)
     emb = out["embeddings"]
     assert set(emb) == {"backbone", "projector"}
@@ -122,12 +133,20 @@ class HandMMCR(MMCR):
 
 
 def _run(tmp: Path, root: Path, method, every: int, steps: int) -> Path:
-    data = DataConfig(dataset="cifar10", root=str(root), batch_size=B, views=2, view_mode="batched", in_memory=True,
-                      num_workers=0, subset=60)
-    trainer = TrainerConfig(out_dir=str(tmp), max_epochs=10, max_steps=steps, logger="csv", log_every_n_steps=1,
-                            progress_bar=False)
-    pretrain(method, data, OptimConfig(lr=1e-3), trainer,
-             MonitorConfig(every_n_epochs=0, spectrum_every_n_steps=every))
+    data = DataConfig(
+        dataset="cifar10",
+        root=str(root),
+        batch_size=B,
+        views=2,
+        view_mode="batched",
+        in_memory=True,
+        num_workers=0,
+        subset=60,
+    )
+    trainer = TrainerConfig(
+        out_dir=str(tmp), max_epochs=10, max_steps=steps, logger="csv", log_every_n_steps=1, progress_bar=False
+    )
+    pretrain(method, data, OptimConfig(lr=1e-3), trainer, MonitorConfig(every_n_epochs=0, spectrum_every_n_steps=every))
     return tmp
 
 
@@ -152,8 +171,11 @@ def test_monitor_logs_hand_values_every_n_steps_to_csv_and_jsonl(tmp_path, cifar
         assert r["singular_values"]["rank5"][:5] == pytest.approx([2.0] * 5, rel=1e-5)
     rows = _csv(run)
     assert not any("embeddings" in k for k in rows[0])  # the seam is never logged as a scalar
-    logged = {int(r["step"]): float(r["spectrum/rank5/effective_rank"]) for r in rows
-              if r.get("spectrum/rank5/effective_rank")}
+    logged = {
+        int(r["step"]): float(r["spectrum/rank5/effective_rank"])
+        for r in rows
+        if r.get("spectrum/rank5/effective_rank")
+    }
     assert logged == pytest.approx({0: 5.0, 2: 5.0, 4: 5.0}, rel=1e-5)
     assert {int(r["step"]) for r in rows if r.get("train/loss")} == {0, 1, 2, 3, 4}  # losses on the same step axis
 
@@ -171,7 +193,8 @@ def test_real_mmcr_spectrum_is_consistent_and_off_means_off(tmp_path, cifar_slic
             s = s[s > 1e-4 * s[0]]
             p = s / s.sum()
             assert r["metrics"][f"spectrum/{name}/effective_rank"] == pytest.approx(
-                math.exp(-(p * p.log()).sum().item()), rel=1e-4)
+                math.exp(-(p * p.log()).sum().item()), rel=1e-4
+            )
             assert 1.0 < r["metrics"][f"spectrum/{name}/effective_rank"] < min(B - 1, width) + 1e-3
             assert 0.0 < r["metrics"][f"spectrum/{name}/alignment"] < 4.0
             assert r["metrics"][f"spectrum/{name}/uniformity"] < 0.0

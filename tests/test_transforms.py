@@ -277,8 +277,22 @@ def test_generator_determinism(images_u8: torch.Tensor) -> None:
 
 
 def test_presets_match_spec() -> None:
-    assert set(PRESETS) == {"cifar10", "cifar100", "cifar_min", "stl10", "imagenet", "mec", "simclr", "simclr_cifar",
-                            "byol", "byol_cifar", "mae", "mae_cifar", "can", "can_cifar"}
+    assert set(PRESETS) == {
+        "cifar10",
+        "cifar100",
+        "cifar_min",
+        "stl10",
+        "imagenet",
+        "mec",
+        "simclr",
+        "simclr_cifar",
+        "byol",
+        "byol_cifar",
+        "mae",
+        "mae_cifar",
+        "can",
+        "can_cifar",
+    }
     c10 = get_preset("cifar10")
     assert isinstance(c10, Augment)
     assert (c10.crop_size, c10.scale, c10.interpolation, c10.flip_p) == (32, (0.08, 1.0), "bilinear", 0.5)
@@ -301,7 +315,13 @@ def test_presets_match_spec() -> None:
     a, b = get_preset("imagenet")
     for p in (a, b):
         assert (p.crop_size, p.interpolation, p.scale, p.jitter, p.jitter_p, p.gray_p) == (
-            224, "bicubic", (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.8, 0.2)
+            224,
+            "bicubic",
+            (0.08, 1.0),
+            (0.4, 0.4, 0.2, 0.1),
+            0.8,
+            0.2,
+        )
         assert (p.mean, p.std, p.eval_resize, p.blur_sigma) == (IMAGENET_MEAN, IMAGENET_STD, 256, (0.1, 2.0))
         assert p.kernel_size == 23
     assert (a.blur_p, a.solarize_p, b.blur_p, b.solarize_p) == (1.0, 0.0, 0.1, 0.2)

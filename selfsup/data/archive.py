@@ -24,6 +24,7 @@ bad header, CRC mismatch) raises :class:`CorruptImageError` naming the member an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tarfile
@@ -37,7 +38,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-__all__ = ["PathLike", "CorruptImageError", "Archive", "is_hidden", "is_archive_file"]
+__all__ = ["Archive", "CorruptImageError", "PathLike", "is_archive_file", "is_hidden"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -158,7 +159,7 @@ class _DirListing:
 class _IndexListing:
     """A zip / tar index: every file member (normalised name) and its locator."""
 
-    def __init__(self, archive: "Archive", locators: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, archive: Archive, locators: dict[str, tuple[int, ...]]) -> None:
         self.archive = archive
         self._locators = locators
         self.names = sorted(locators)
@@ -226,7 +227,7 @@ class Archive:
 
     # ---------------------------------------------------------------- listing (construction only)
 
-    def listing(self) -> "_DirListing | _IndexListing":
+    def listing(self) -> _DirListing | _IndexListing:
         """List the container: ``subdirs(rel)``, ``files(prefix)`` and ``locators(names)``.
 
         For a zip / tar this reads the whole index once (``ValueError`` if unreadable); keep the result
@@ -290,14 +291,12 @@ class Archive:
         if self._fh is None or self._fh_pid != pid:
             old, self._fh = self._fh, None
             if old is not None:
-                try:
+                with contextlib.suppress(Exception):
                     old.close()  # the inherited copy: closing it here does not affect the parent
-                except Exception:
-                    pass
             if self._compression is not None:
                 self._fh = _open_compressed(self.path, self._compression)
             else:
-                self._fh = open(self.path, "rb", buffering=0)
+                self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open per process)
             self._fh_pid = pid
         return self._fh
 
@@ -330,18 +329,14 @@ class Archive:
         for attr in ("_fh", "_zf"):
             h = getattr(self, attr, None)
             if h is not None:
-                try:
+                with contextlib.suppress(Exception):
                     h.close()
-                except Exception:
-                    pass
             setattr(self, attr, None)
         self._fh_pid = self._zf_pid = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -369,9 +364,7 @@ class Archive:
             offset, size = int(loc[0]), int(loc[1])
             data = self._pread(size, offset)
             if len(data) != size:
-                raise CorruptImageError(
-                    f"member '{name}' of {self.where} is truncated ({len(data)} of {size} bytes)"
-                )
+                raise CorruptImageError(f"member '{name}' of {self.where} is truncated ({len(data)} of {size} bytes)")
             return data
         header_offset, csize, usize, method, crc = (int(v) for v in loc[:5])
         if method not in (_ZIP_STORED, _ZIP_DEFLATED):

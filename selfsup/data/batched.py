@@ -37,11 +37,11 @@ from selfsup.data.transforms import Augment, as_pipelines, check_view_count
 
 __all__ = [
     "BatchedViews",
-    "rgb_to_grayscale",
-    "rgb_to_hsv",
-    "hsv_to_rgb",
     "adjust_hue",
     "gaussian_blur",
+    "hsv_to_rgb",
+    "rgb_to_grayscale",
+    "rgb_to_hsv",
 ]
 
 # torchvision's luma weights (ITU-R 601-2, with torchvision's 0.2989 for red), so the batched and

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Optional, Union
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -51,16 +52,16 @@ from selfsup.data.transforms import (
 
 __all__ = [
     "DataSource",
-    "open_source",
     "MapDataset",
     "TensorNormalize",
-    "train_pipelines",
+    "build_eval_dataset",
+    "build_train_views",
     "eval_preset",
     "in_memory_dataset",
-    "build_train_views",
-    "build_eval_dataset",
-    "train_augmented_dataset",
     "num_classes",
+    "open_source",
+    "train_augmented_dataset",
+    "train_pipelines",
 ]
 
 #: An augmentation given by preset name or as an :class:`Augment` (a preset's first pipeline is used).
@@ -120,10 +121,18 @@ def eval_preset(name: str) -> Augment:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_uint8(name: str, root: Optional[str], split: str, size: Optional[int], skip_corrupt: bool,
-                  class_list: Optional[str], download: bool) -> TensorImageDataset:
-    ds = build_dataset(name, root=root, split=split, download=download, skip_corrupt=skip_corrupt,
-                       class_list=class_list)
+def _cached_uint8(
+    name: str,
+    root: Optional[str],
+    split: str,
+    size: Optional[int],
+    skip_corrupt: bool,
+    class_list: Optional[str],
+    download: bool,
+) -> TensorImageDataset:
+    ds = build_dataset(
+        name, root=root, split=split, download=download, skip_corrupt=skip_corrupt, class_list=class_list
+    )
     try:
         images, labels = load_uint8(ds, size=size)
     except ImageSizeMismatchError as e:
@@ -183,16 +192,24 @@ class DataSource:
     def raw(self, split: str, transform: Optional[Callable] = None) -> Dataset:
         """``split`` decoded per sample (PIL images), ``transform`` applied to each."""
         c = self.cfg
-        return build_dataset(self.name, root=self.root, split=split, transform=transform, download=c.download,
-                             skip_corrupt=c.skip_corrupt, class_list=c.class_list)
+        return build_dataset(
+            self.name,
+            root=self.root,
+            split=split,
+            transform=transform,
+            download=c.download,
+            skip_corrupt=c.skip_corrupt,
+            class_list=c.class_list,
+        )
 
     def decoded(self, split: str) -> TensorImageDataset:
         """``split`` decoded once into ``uint8 [N, 3, H, W]`` (memoised per process; see ``image_size``)."""
         c = self.cfg
         return _cached_uint8(self.name, self.root, split, c.image_size, c.skip_corrupt, c.class_list, c.download)
 
-    def images(self, split: str, transform: Optional[Callable] = None,
-               tensor_transform: Optional[Callable] = None) -> Dataset:
+    def images(
+        self, split: str, transform: Optional[Callable] = None, tensor_transform: Optional[Callable] = None
+    ) -> Dataset:
         """``split`` with ``transform`` applied to each image: the one in-memory-or-raw decision.
 
         In memory the images are ``uint8 [3, H, W]`` tensors and ``tensor_transform`` (default
@@ -229,10 +246,15 @@ class DataSource:
         if c.view_mode == "batched":
             # Full-size images can be stacked only once decoded to one size in memory; otherwise the
             # loader applies the geometry to the full image and yields stackable crops.
-            geometry = None if self.in_memory else MultiViewTransform(
-                [crop_flip_transform(a, resize=c.image_size) for a in pipelines], c.views)
-            return (_subset(self._nway_nshot(self.images(c.train_split, geometry)), c.subset, seed),
-                    BatchedViews(pipelines, c.views))
+            geometry = (
+                None
+                if self.in_memory
+                else MultiViewTransform([crop_flip_transform(a, resize=c.image_size) for a in pipelines], c.views)
+            )
+            return (
+                _subset(self._nway_nshot(self.images(c.train_split, geometry)), c.subset, seed),
+                BatchedViews(pipelines, c.views),
+            )
         multi = MultiViewTransform([per_image_transform(a) for a in pipelines], c.views)
         return _subset(self._nway_nshot(self.images(c.train_split, multi)), c.subset, seed), None
 
@@ -243,12 +265,15 @@ class DataSource:
             return ds
         from selfsup.data.subsets import nway_nshot_subset
 
-        return nway_nshot_subset(ds, -1 if c.n_way is None else c.n_way,
-                                 -1 if (c.n_shot is None or all_shots) else c.n_shot, classes=c.class_pick,
-                                 seed=c.subset_seed)
+        return nway_nshot_subset(
+            ds,
+            -1 if c.n_way is None else c.n_way,
+            -1 if (c.n_shot is None or all_shots) else c.n_shot,
+            classes=c.class_pick,
+            seed=c.subset_seed,
+        )
 
-    def eval_split(self, split: str, limit: Optional[int] = None,
-                   augment: Optional[AugmentLike] = None) -> Dataset:
+    def eval_split(self, split: str, limit: Optional[int] = None, augment: Optional[AugmentLike] = None) -> Dataset:
         """Labelled ``split`` under the eval transform of ``augment`` (default: the first training
         pipeline, so the normalisation matches training): ``float [3, crop, crop]`` images.
 
@@ -286,8 +311,7 @@ def build_train_views(cfg, seed: int = 0) -> tuple[Dataset, Optional[BatchedView
     return open_source(cfg).train_views(seed)
 
 
-def build_eval_dataset(cfg, split: str, limit: Optional[int] = None,
-                       augment: Optional[AugmentLike] = None) -> Dataset:
+def build_eval_dataset(cfg, split: str, limit: Optional[int] = None, augment: Optional[AugmentLike] = None) -> Dataset:
     """A labelled split under the eval transform of ``augment`` (default: the config's preset).
 
     ``limit`` keeps a fixed, seeded random subset of that many images (for quick monitors).

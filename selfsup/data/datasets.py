@@ -29,15 +29,15 @@ from selfsup.data.memory import TensorImageDataset, load_uint8
 from selfsup.data.torchvision_sets import TorchvisionDataset, torchvision_dataset
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "DATASET_NAMES",
+    "IMAGE_EXTENSIONS",
     "CorruptImageError",
     "ImageFolderDataset",
-    "TorchvisionDataset",
     "TensorImageDataset",
+    "TorchvisionDataset",
     "build_dataset",
-    "load_uint8",
     "demo_dataset_path",
+    "load_uint8",
     "read_class_list",
 ]
 
@@ -86,9 +86,7 @@ def build_dataset(
         )
     if root is None:
         if key in _NEEDS_ROOT:
-            raise ValueError(
-                f"dataset '{key}' needs root= a directory, .zip or .tar with <split>/<class>/<image>"
-            )
+            raise ValueError(f"dataset '{key}' needs root= a directory, .zip or .tar with <split>/<class>/<image>")
         root = "./data"
     root_p = Path(root).expanduser()
 

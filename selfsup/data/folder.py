@@ -32,9 +32,7 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "decode_image", "has_image_
 log = logging.getLogger(__name__)
 
 #: File extensions (lower case, no dot) that count as images.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {"jpg", "jpeg", "png", "bmp", "webp", "ppm", "pgm", "tif", "tiff"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "bmp", "webp", "ppm", "pgm", "tif", "tiff"})
 
 # When the requested split folder is absent, these are tried in order.
 _SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
@@ -81,9 +79,7 @@ def decode_image(data: bytes, member: str, where: str) -> Image.Image:
                 img = img.convert("RGBA")
             img = img.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise CorruptImageError(
-            f"cannot decode image '{member}' in {where}: {type(e).__name__}: {e}"
-        ) from e
+        raise CorruptImageError(f"cannot decode image '{member}' in {where}: {type(e).__name__}: {e}") from e
     return img
 
 

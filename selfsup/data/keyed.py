@@ -14,13 +14,14 @@ Every random draw of a training run is a pure function of a key, never of a gene
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["key_seed", "KeyedDataset", "PerImageViews"]
+__all__ = ["KeyedDataset", "PerImageViews", "key_seed"]
 
 
 def key_seed(*xs: int) -> int:
@@ -75,5 +76,3 @@ class PerImageViews:
                 torch.manual_seed(key_seed(base, b))
                 out.append(self.transform(img))
         return torch.stack(out).to(images.device)
-
-

@@ -51,7 +51,7 @@ class TensorImageDataset(Dataset):
         self.classes: list[str] = list(classes)
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, size: int | None = None, num_workers: int = 0) -> "TensorImageDataset":
+    def from_dataset(cls, dataset: Dataset, size: int | None = None, num_workers: int = 0) -> TensorImageDataset:
         """Decode ``dataset`` with :func:`load_uint8` and keep its ``classes``."""
         images, labels = load_uint8(dataset, size=size, num_workers=num_workers)
         base, _ = _unwrap_subset(dataset)
@@ -134,9 +134,7 @@ class _ChunkDecoder(Dataset):
         return torch.from_numpy(out)
 
 
-def load_uint8(
-    dataset: Dataset, size: int | None = None, num_workers: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_uint8(dataset: Dataset, size: int | None = None, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image of ``dataset`` once into memory.
 
     Works on :class:`~selfsup.data.folder.ImageFolderDataset`,
@@ -170,9 +168,14 @@ def load_uint8(
         arr = base.uint8_hwc()[np.asarray(idx)]
         images = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
         if size is not None and images.shape[-2:] != (size, size):
-            images = torch.nn.functional.interpolate(
-                images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            ).round_().clamp_(0, 255).to(torch.uint8)
+            images = (
+                torch.nn.functional.interpolate(
+                    images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )
+                .round_()
+                .clamp_(0, 255)
+                .to(torch.uint8)
+            )
         return images, labels
 
     if size is not None:

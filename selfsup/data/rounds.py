@@ -16,8 +16,9 @@ everything is a pure function of ``(seed, epoch)``: a resumed run sees the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -55,8 +56,10 @@ def epoch_examples(n: int, plan: EpochPlan, epoch: int, seed: int) -> list[int]:
     if n < 1:
         raise ValueError("cannot draw examples from an empty dataset")
     if plan.examples > n:
-        raise ValueError(f"examples per epoch ({plan.examples}) exceed the {n} training images: an epoch would hold "
-                         "an example twice; lower examples_per_epoch")
+        raise ValueError(
+            f"examples per epoch ({plan.examples}) exceed the {n} training images: an epoch would hold "
+            "an example twice; lower examples_per_epoch"
+        )
     e = plan.examples
     start = int(epoch) * e
     r, off = divmod(start, n)
@@ -66,7 +69,7 @@ def epoch_examples(n: int, plan: EpochPlan, epoch: int, seed: int) -> list[int]:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(key_seed(seed, r, _STREAM_PERM))).tolist()
         else:
             perm = list(range(n))
-        out.extend(perm[off: off + e - len(out)])
+        out.extend(perm[off : off + e - len(out)])
         r, off = r + 1, 0
     return out
 
@@ -74,8 +77,10 @@ def epoch_examples(n: int, plan: EpochPlan, epoch: int, seed: int) -> list[int]:
 def rank_examples(n: int, plan: EpochPlan, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """``S_e,r``: this rank's share of the epoch's examples."""
     if plan.examples % world_size:
-        raise ValueError(f"examples per epoch ({plan.examples}) must be a multiple of the number of processes "
-                         f"({world_size}): every rank searches and trains on the same number of examples")
+        raise ValueError(
+            f"examples per epoch ({plan.examples}) must be a multiple of the number of processes "
+            f"({world_size}): every rank searches and trains on the same number of examples"
+        )
     return epoch_examples(n, plan, epoch, seed)[rank::world_size]
 
 
@@ -84,8 +89,10 @@ def steps_per_epoch(plan: EpochPlan, batch_size: int, world_size: int = 1) -> in
     per_rank = plan.examples // world_size
     b = per_rank // batch_size
     if b < 1:
-        raise ValueError(f"data.batch_size={batch_size} per device is larger than the {per_rank} examples each of the "
-                         f"{world_size} process(es) gets per epoch; raise examples_per_epoch or lower data.batch_size")
+        raise ValueError(
+            f"data.batch_size={batch_size} per device is larger than the {per_rank} examples each of the "
+            f"{world_size} process(es) gets per epoch; raise examples_per_epoch or lower data.batch_size"
+        )
     return max(1, plan.iterations // b) * b
 
 
@@ -110,8 +117,17 @@ class RoundSampler(Sampler):
     ``start(epoch)`` says how many of the epoch's keys were already trained on (mid-epoch resume).
     """
 
-    def __init__(self, n: int, plan: EpochPlan, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, start: Optional[Callable[[int], int]] = None):
+    def __init__(
+        self,
+        n: int,
+        plan: EpochPlan,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        start: Optional[Callable[[int], int]] = None,
+    ):
         self.n, self.plan, self.batch_size, self.seed = int(n), plan, int(batch_size), int(seed)
         self.rank, self.world_size, self.epoch, self.start = int(rank), int(world_size), int(epoch), start
         self.steps = steps_per_epoch(plan, self.batch_size, self.world_size)
@@ -138,7 +154,7 @@ class RoundSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         idx = self.order(self.epoch)
         if self.start is not None:
-            idx = idx[max(0, int(self.start(self.epoch))):]
+            idx = idx[max(0, int(self.start(self.epoch))) :]
         return iter([(self.epoch, i) for i in idx])
 
     def __len__(self) -> int:

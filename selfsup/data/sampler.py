@@ -14,16 +14,26 @@ step bookkeeping expects.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch.utils.data import Sampler
 
 
 class ShardedEpochSampler(Sampler):
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, keyed: bool = False, start: Optional[Callable[[int], int]] = None,
-                 epoch: int = 0):
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        keyed: bool = False,
+        start: Optional[Callable[[int], int]] = None,
+        epoch: int = 0,
+    ):
         if n <= 0:
             raise ValueError("cannot sample from an empty dataset")
         if not 0 <= rank < world_size:
@@ -52,7 +62,7 @@ class ShardedEpochSampler(Sampler):
     def __iter__(self):
         idx = self._indices()
         if self.start is not None:
-            idx = idx[max(0, int(self.start(self.epoch))):]
+            idx = idx[max(0, int(self.start(self.epoch))) :]
         if self.keyed:
             return iter([(self.epoch, i) for i in idx])
         return iter(idx)

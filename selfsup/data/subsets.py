@@ -87,9 +87,16 @@ def choose_classes(num_classes: int, n_way: int, mode: ClassMode = "even", seed:
     raise ValueError(f"unknown class mode {mode!r}; valid: {', '.join(CLASS_MODES)}")
 
 
-def shot_indices(targets: Sequence[int] | Tensor, classes: Sequence[int], n_shot: int, seed: int = 0, *,
-                 exclude: Optional[Sequence[int]] = None, strict: bool = True,
-                 class_names: Optional[Sequence[str]] = None) -> list[int]:
+def shot_indices(
+    targets: Sequence[int] | Tensor,
+    classes: Sequence[int],
+    n_shot: int,
+    seed: int = 0,
+    *,
+    exclude: Optional[Sequence[int]] = None,
+    strict: bool = True,
+    class_names: Optional[Sequence[str]] = None,
+) -> list[int]:
     """Up to ``n_shot`` seeded images of each class in ``classes`` (original labels), class by class.
 
     Args:
@@ -122,9 +129,16 @@ def shot_indices(targets: Sequence[int] | Tensor, classes: Sequence[int], n_shot
     return out
 
 
-def nway_nshot_indices(targets: Sequence[int] | Tensor, n_way: int, n_shot: int, *, classes: ClassMode = "even",
-                       seed: int = 0, num_classes: Optional[int] = None,
-                       class_names: Optional[Sequence[str]] = None) -> tuple[list[int], list[int]]:
+def nway_nshot_indices(
+    targets: Sequence[int] | Tensor,
+    n_way: int,
+    n_shot: int,
+    *,
+    classes: ClassMode = "even",
+    seed: int = 0,
+    num_classes: Optional[int] = None,
+    class_names: Optional[Sequence[str]] = None,
+) -> tuple[list[int], list[int]]:
     """``(indices, chosen classes)`` of an n-way n-shot subset.
 
     Args:
@@ -192,14 +206,16 @@ class ClassSubset(Dataset):
         return f"ClassSubset({len(self.indices)} images of {len(self.class_ids)} classes of {type(self.base).__name__})"
 
 
-def nway_nshot_subset(dataset: Dataset, n_way: int, n_shot: int, *, classes: ClassMode = "even",
-                      seed: int = 0) -> ClassSubset:
+def nway_nshot_subset(
+    dataset: Dataset, n_way: int, n_shot: int, *, classes: ClassMode = "even", seed: int = 0
+) -> ClassSubset:
     """The n-way n-shot :class:`ClassSubset` of ``dataset`` (classes from ``len(dataset.classes)``)."""
     names = getattr(dataset, "classes", None)
     targets = dataset_targets(dataset)
     num = len(names) if names else None
-    idx, chosen = nway_nshot_indices(targets, n_way, n_shot, classes=classes, seed=seed, num_classes=num,
-                                     class_names=names)
+    idx, chosen = nway_nshot_indices(
+        targets, n_way, n_shot, classes=classes, seed=seed, num_classes=num, class_names=names
+    )
     return ClassSubset(dataset, idx, chosen)
 
 
@@ -216,8 +232,10 @@ def matching_subset(dataset: Dataset, like: ClassSubset, n_shot: int = -1, *, se
     where = {str(n): j for j, n in enumerate(names)}
     missing = [n for n in like.classes if str(n) not in where]
     if missing:
-        raise ValueError(f"classes {missing[:5]} of the subset are not in the other split "
-                         f"({len(names)} classes: {list(names)[:5]}...)")
+        raise ValueError(
+            f"classes {missing[:5]} of the subset are not in the other split "
+            f"({len(names)} classes: {list(names)[:5]}...)"
+        )
     ids = [where[str(n)] for n in like.classes]  # same new-label order as ``like``
     if sorted(ids) != ids:
         raise ValueError("the two splits order the shared classes differently; rename or use the same class list")

@@ -45,21 +45,21 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 __all__ = [
-    "Augment",
-    "AugmentSpec",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
-    "STL10_MEAN",
-    "STL10_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PRESETS",
-    "get_preset",
+    "STL10_MEAN",
+    "STL10_STD",
+    "Augment",
+    "AugmentSpec",
+    "MultiViewTransform",
     "as_pipelines",
-    "per_image_transform",
     "crop_flip_transform",
     "eval_transform",
-    "MultiViewTransform",
+    "get_preset",
+    "per_image_transform",
 ]
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
@@ -249,8 +249,15 @@ _SIMCLR = dataclasses.replace(_IMAGENET_A, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0
 _BYOL_CIFAR = dataclasses.replace(_CIFAR10, jitter=(0.4, 0.4, 0.2, 0.1))
 
 # MAE (spec §4): RandomResizedCrop(224, scale (0.2, 1), bicubic) + flip, nothing photometric; ImageNet mean/std.
-_MAE = dataclasses.replace(_IMAGENET_A, scale=(0.2, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0,
-                           blur_p=0.0, eval_interpolation="bicubic")
+_MAE = dataclasses.replace(
+    _IMAGENET_A,
+    scale=(0.2, 1.0),
+    jitter=(0.0, 0.0, 0.0, 0.0),
+    jitter_p=0.0,
+    gray_p=0.0,
+    blur_p=0.0,
+    eval_interpolation="bicubic",
+)
 
 PRESETS: dict[str, AugmentSpec] = {
     # OFF-MMCR CIFAR-10: RRC(32, (0.08, 1), bilinear), flip .5, jitter(.4,.4,.4,.1) p=.8, gray .2.

@@ -50,8 +50,9 @@ def monitored_backbone(method: torch.nn.Module, which: str = "online") -> torch.
     if backbone_for is not None:
         return backbone_for(which)
     if which != "online":
-        raise ValueError(f"cannot monitor the {which!r} backbone: {type(method).__name__} has no backbone_for(), "
-                         "only which='online'")
+        raise ValueError(
+            f"cannot monitor the {which!r} backbone: {type(method).__name__} has no backbone_for(), only which='online'"
+        )
     return method.backbone
 
 
@@ -93,8 +94,18 @@ class KNNMonitor(L.Callback):
         which: the backbone scored: ``online`` or a teacher name the method declares (e.g. ``teacher``).
     """
 
-    def __init__(self, bank: Dataset, test: Dataset, num_classes: int, every_n_epochs: int = 1, k: int = 200,
-                 temperature: float = 0.5, batch_size: int = 512, num_workers: int = 0, which: str = "online"):
+    def __init__(
+        self,
+        bank: Dataset,
+        test: Dataset,
+        num_classes: int,
+        every_n_epochs: int = 1,
+        k: int = 200,
+        temperature: float = 0.5,
+        batch_size: int = 512,
+        num_workers: int = 0,
+        which: str = "online",
+    ):
         self.bank, self.test, self.num_classes = bank, test, num_classes
         self.every_n_epochs, self.k, self.temperature = every_n_epochs, k, temperature
         self.batch_size, self.num_workers, self.which = batch_size, num_workers, which
@@ -106,8 +117,9 @@ class KNNMonitor(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
 
-    def _embed(self, backbone: torch.nn.Module, ds: Dataset, device: torch.device, rank: int,
-               world: int) -> tuple[Tensor, Tensor]:
+    def _embed(
+        self, backbone: torch.nn.Module, ds: Dataset, device: torch.device, rank: int, world: int
+    ) -> tuple[Tensor, Tensor]:
         """Features (on ``device``) and labels of this rank's shard ``ds[rank::world]``; ``[0, 0]`` if empty."""
         shard = Subset(ds, list(range(rank, len(ds), world)))
         if len(shard) == 0:
@@ -153,8 +165,12 @@ class KNNMonitor(L.Callback):
         if distributed.is_dist():
             torch.distributed.all_reduce(counts)
         n = max(counts[2].item(), 1.0)
-        return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n,
-                "n_bank": sum(sizes), "n_test": int(counts[2].item())}
+        return {
+            "top1": 100.0 * counts[0].item() / n,
+            "top5": 100.0 * counts[1].item() / n,
+            "n_bank": sum(sizes),
+            "n_test": int(counts[2].item()),
+        }
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

@@ -30,7 +30,10 @@ from selfsup.models.registry import backbone_spec
 
 CHECKPOINT_KEY = "selfsup"
 FORMAT = 2
-_V1_TEACHER = {"method.momentum.copies.0.": "method.teacher.backbone.", "method.momentum.copies.1.": "method.teacher.projector."}
+_V1_TEACHER = {
+    "method.momentum.copies.0.": "method.teacher.backbone.",
+    "method.momentum.copies.1.": "method.teacher.projector.",
+}
 
 
 def upgrade_checkpoint(checkpoint: dict) -> dict:
@@ -50,7 +53,7 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
         for k, v in state.items():
             for old, new in _V1_TEACHER.items():
                 if k.startswith(old):
-                    k = new + k[len(old):]
+                    k = new + k[len(old) :]
                     break
             renamed[k] = v
         checkpoint["state_dict"] = renamed
@@ -71,7 +74,8 @@ def check_compatible(saved: dict, current: dict, path: str = "the checkpoint") -
     if saved.get("method") != current["method"] or saved.get("backbone") != current["backbone"]:
         raise ValueError(
             f"{path} holds {saved.get('method')} with backbone {saved.get('backbone')}, which differs from the "
-            f"configured {current['method']} with backbone {current['backbone']}; resume with the run's own config")
+            f"configured {current['method']} with backbone {current['backbone']}; resume with the run's own config"
+        )
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -40,9 +40,17 @@ class FewShotMonitor(L.Callback):
         which: ``online`` or a teacher the method declares.
     """
 
-    def __init__(self, support: Dataset, query: Dataset, config: Optional[FewShotConfig] = None,
-                 every_n_epochs: int = 1, support_augmented: Optional[Dataset] = None, batch_size: int = 256,
-                 num_workers: int = 0, which: str = "online"):
+    def __init__(
+        self,
+        support: Dataset,
+        query: Dataset,
+        config: Optional[FewShotConfig] = None,
+        every_n_epochs: int = 1,
+        support_augmented: Optional[Dataset] = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        which: str = "online",
+    ):
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}")
         self.support, self.query, self.support_augmented = support, query, support_augmented
@@ -65,10 +73,25 @@ class FewShotMonitor(L.Callback):
         if trainer.global_rank != 0:
             return
         backbone = monitored_backbone(pl_module.method, self.which)
-        res = few_shot_eval(backbone, self.support, self.query, self.config, support_augmented=self.support_augmented,
-                            device=pl_module.device, batch_size=self.batch_size, num_workers=self.num_workers)
-        self.history.append({"epoch": epoch, "step": trainer.global_step, "acc": res.accuracy, "ci95": res.ci95,
-                             "episodes": res.episodes})
+        res = few_shot_eval(
+            backbone,
+            self.support,
+            self.query,
+            self.config,
+            support_augmented=self.support_augmented,
+            device=pl_module.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+        )
+        self.history.append(
+            {
+                "epoch": epoch,
+                "step": trainer.global_step,
+                "acc": res.accuracy,
+                "ci95": res.ci95,
+                "episodes": res.episodes,
+            }
+        )
         metrics = {"fewshot/acc": res.accuracy}
         if math.isfinite(res.ci95):  # one episode has no interval
             metrics["fewshot/ci95"] = res.ci95

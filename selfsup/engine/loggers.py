@@ -62,8 +62,13 @@ def build_logger(cfg: TrainerConfig, resume_step: Optional[int] = None):
         return False
     if cfg.logger == "csv":
         # Flushed at every logging step (default: every 100), so a killed run keeps its curves for `selfsup report`.
-        return ResumableCSVLogger(cfg.out_dir, name="logs", version="", resume_step=resume_step,
-                                  flush_logs_every_n_steps=max(1, cfg.log_every_n_steps))
+        return ResumableCSVLogger(
+            cfg.out_dir,
+            name="logs",
+            version="",
+            resume_step=resume_step,
+            flush_logs_every_n_steps=max(1, cfg.log_every_n_steps),
+        )
     if cfg.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 

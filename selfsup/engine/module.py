@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
@@ -71,7 +72,9 @@ class SelfSupModule(L.LightningModule):
         self._pending_rank_state: Optional[dict] = None  # from a checkpoint, for the resumed epoch
 
     # ------------------------------------------------------------------------------ randomness
-    def generator(self, stream: int, step: int, micro: int = 0, device: Optional[torch.device] = None) -> torch.Generator:
+    def generator(
+        self, stream: int, step: int, micro: int = 0, device: Optional[torch.device] = None
+    ) -> torch.Generator:
         """A generator keyed on ``(seed, step, rank, micro-batch, stream)``: the same numbers after a resume."""
         gen = torch.Generator(device=device or self.device)
         gen.manual_seed(key_seed(self.seed, step, self.global_rank, micro, stream))
@@ -108,8 +111,12 @@ class SelfSupModule(L.LightningModule):
         items = items.to(self.device, non_blocking=True)
         if self.views_on_device:
             bs = int(self.meta.get("batch_size", 256))
-            views = torch.cat([self.make_views(items[c: c + bs], first, EPOCH_MICRO + j)
-                               for j, c in enumerate(range(0, items.shape[0], bs))])
+            views = torch.cat(
+                [
+                    self.make_views(items[c : c + bs], first, EPOCH_MICRO + j)
+                    for j, c in enumerate(range(0, items.shape[0], bs))
+                ]
+            )
         else:
             views = items
         if views.dim() == 4:  # one view per example
@@ -120,9 +127,16 @@ class SelfSupModule(L.LightningModule):
         if pending is not None and int(pending.get("epoch", -1)) == epoch:
             self.method.load_rank_state(pending)
         t1 = time.perf_counter()
-        logs = self.method.prepare_epoch(EpochExamples(
-            views=views, labels=labels, indices=idx.to(self.device), epoch=epoch, step=first,
-            generator=self.generator(STREAM_METHOD, first, EPOCH_MICRO, self.device)))
+        logs = self.method.prepare_epoch(
+            EpochExamples(
+                views=views,
+                labels=labels,
+                indices=idx.to(self.device),
+                epoch=epoch,
+                step=first,
+                generator=self.generator(STREAM_METHOD, first, EPOCH_MICRO, self.device),
+            )
+        )
         logs = {f"epoch/{k}": torch.tensor(float(v)) for k, v in (logs or {}).items()}
         logs["epoch/views_s"] = torch.tensor(t1 - t0)
         logs["epoch/prepare_s"] = torch.tensor(time.perf_counter() - t1)
@@ -139,7 +153,6 @@ class SelfSupModule(L.LightningModule):
             raise RuntimeError(f"example {e} is not one of epoch {self.current_epoch}'s examples") from None
         return cache["views"][rows]
 
-
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         """The loss, or ``{"loss", "embeddings"}`` when the method returned ``"embeddings"`` (detached, never
@@ -154,21 +167,32 @@ class SelfSupModule(L.LightningModule):
             b, v = views.shape[:2]
             views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
         max_steps = int(self.trainer.estimated_stepping_batches)
-        inp = Batch(views=views, labels=torch.as_tensor(labels), indices=torch.as_tensor(indices), step=step,
-                    max_steps=max_steps, epoch=self.current_epoch,
-                    generator=self.generator(STREAM_METHOD, step, micro, views.device),
-                    steps_per_epoch=self._steps_per_epoch())
-        hint = ("lower the learning rate, use fp32 (--trainer.precision 32-true) or check the data; "
-                "checkpoints already written are left untouched")
+        inp = Batch(
+            views=views,
+            labels=torch.as_tensor(labels),
+            indices=torch.as_tensor(indices),
+            step=step,
+            max_steps=max_steps,
+            epoch=self.current_epoch,
+            generator=self.generator(STREAM_METHOD, step, micro, views.device),
+            steps_per_epoch=self._steps_per_epoch(),
+        )
+        hint = (
+            "lower the learning rate, use fp32 (--trainer.precision 32-true) or check the data; "
+            "checkpoints already written are left untouched"
+        )
         try:
             out = self.method.training_loss(inp)
         except FloatingPointError as e:
-            raise FloatingPointError(f"non-finite values at step {step}, epoch {self.current_epoch}: {e}; {hint}") from e
+            raise FloatingPointError(
+                f"non-finite values at step {step}, epoch {self.current_epoch}: {e}; {hint}"
+            ) from e
         embeddings = out.pop("embeddings", None)  # spectrum seam: name -> detached tensors, never a logged scalar
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {step}, epoch {self.current_epoch}; {hint}")
+                f"non-finite training loss ({loss.item()}) at step {step}, epoch {self.current_epoch}; {hint}"
+            )
         logs = {f"train/{k}": v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
         for group in self.optimizers().param_groups[:1]:
             logs["train/lr"] = torch.tensor(group["lr"] / group.get("lr_mult", 1.0))
@@ -200,10 +224,17 @@ class SelfSupModule(L.LightningModule):
         cfg = self.optim_cfg
         lr = scaled_lr(cfg.lr, self.global_batch_size(int(self.meta.get("batch_size", 1))), rule=cfg.scale_lr)
         groups = method_param_groups(self.method, lr, cfg.weight_decay, cfg.exclude_1d or cfg.name == "lars")
-        optimizer = build_optimizer(groups, cfg.name, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                    betas=tuple(cfg.betas), eta=cfg.eta)
+        optimizer = build_optimizer(
+            groups,
+            cfg.name,
+            lr=lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            betas=tuple(cfg.betas),
+            eta=cfg.eta,
+        )
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = min(total, int(round(cfg.warmup_epochs * self._steps_per_epoch())))
+        warmup = min(total, round(cfg.warmup_epochs * self._steps_per_epoch()))
         scheduler = build_scheduler(optimizer, total, warmup, cfg.final_lr_ratio, cfg.schedule)
         self.meta["peak_lr"] = lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -218,8 +249,13 @@ class SelfSupModule(L.LightningModule):
                 backbones[which] = f"method.{names[id(self.method.backbone_for(which))]}."
             except ValueError:  # a teacher without a backbone copy
                 continue
-        return {"format": FORMAT, "method": type(self.method).__name__, "backbone": dict(self.method.backbone_spec),
-                "backbones": backbones, "num_features": int(self.method.num_features)}
+        return {
+            "format": FORMAT,
+            "method": type(self.method).__name__,
+            "backbone": dict(self.method.backbone_spec),
+            "backbones": backbones,
+            "num_features": int(self.method.num_features),
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = self.method.rank_state()
@@ -254,8 +290,10 @@ class SelfSupModule(L.LightningModule):
             else:
                 from lightning.pytorch.utilities import rank_zero_warn
 
-                rank_zero_warn(f"the checkpoint holds the epoch state of {len(states)} process(es), this run has "
-                               f"{self.trainer.world_size}: a resumed epoch is prepared again from scratch")
+                rank_zero_warn(
+                    f"the checkpoint holds the epoch state of {len(states)} process(es), this run has "
+                    f"{self.trainer.world_size}: a resumed epoch is prepared again from scratch"
+                )
         rng = checkpoint[CHECKPOINT_KEY].get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])

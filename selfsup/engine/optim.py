@@ -24,14 +24,14 @@ __all__ = [
     "LARS",
     "OPTIMIZERS",
     "SCHEDULES",
-    "param_groups",
+    "WarmupSchedule",
+    "build_optimizer",
+    "build_scheduler",
     "method_param_groups",
     "no_weight_decay_ids",
-    "build_optimizer",
+    "param_groups",
     "scaled_lr",
     "warmup_cosine",
-    "WarmupSchedule",
-    "build_scheduler",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "lars")
@@ -128,9 +128,7 @@ class LARS(Optimizer):
                     p_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(g)
                     one = torch.ones_like(p_norm)
-                    q = torch.where(
-                        (p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm.clamp_min(1e-38), one
-                    )
+                    q = torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm.clamp_min(1e-38), one)
                     g = g.mul(q)
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
@@ -228,8 +226,9 @@ def method_param_groups(method: nn.Module, lr: float, weight_decay: float, exclu
         if plain:
             out.append({"name": name, "params": plain, "weight_decay": wd, **common})
         if no_decay:
-            out.append({"name": f"{name}/no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True,
-                        **common})
+            out.append(
+                {"name": f"{name}/no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **common}
+            )
     missing = [names.get(i, "?") for i in trainable - seen]
     if missing:
         raise ValueError(f"trainable parameters in no parameter group: {sorted(missing)[:5]}")
@@ -277,9 +276,7 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     if key == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return LARS(
-        groups, lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude_1d=exclude_1d
-    )
+    return LARS(groups, lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude_1d=exclude_1d)
 
 
 # ------------------------------------------------------------------ lr and schedules
@@ -311,9 +308,7 @@ def _check_schedule_args(total_steps: int, warmup_steps: int, final_lr_ratio: fl
         raise ValueError(f"final_lr_ratio must be >= 0, got {final_lr_ratio}")
 
 
-def _factor(
-    step: int, total_steps: int, warmup_steps: int, final_lr_ratio: float, schedule: str
-) -> float:
+def _factor(step: int, total_steps: int, warmup_steps: int, final_lr_ratio: float, schedule: str) -> float:
     """Multiplier of the peak lr at 0-based optimiser ``step``."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -327,9 +322,7 @@ def _factor(
     return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def warmup_cosine(
-    step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_lr_ratio: float = 0.0
-) -> float:
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_lr_ratio: float = 0.0) -> float:
     """Learning rate at 0-based optimiser ``step``: linear warm-up, then half-cosine.
 
     * ``step < warmup_steps``: ``peak_lr · (step + 1) / warmup_steps`` (never 0;

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -59,8 +60,9 @@ class SelfSupData(L.LightningDataModule):
         would give them (per-image views keyed on (seed, epoch, index); uint8 images in batched mode)."""
         keyed = KeyedDataset(self.dataset, self.seed)
         workers = self.cfg.num_workers if len(indices) > 4 * self.cfg.batch_size else 0
-        loader = DataLoader(keyed, batch_size=self.cfg.batch_size, sampler=[(epoch, i) for i in indices],
-                            num_workers=workers)
+        loader = DataLoader(
+            keyed, batch_size=self.cfg.batch_size, sampler=[(epoch, i) for i in indices], num_workers=workers
+        )
         items, labels = [], []
         for x, y, _ in loader:
             items.append(x)
@@ -96,15 +98,37 @@ class SelfSupData(L.LightningDataModule):
         epoch, consumed = self._resume
         skip = consumed * self.cfg.batch_size
         if self.plan is not None:  # views come from the engine's epoch cache: the loader yields indices only
-            sampler = RoundSampler(n, self.plan, self.cfg.batch_size, seed=self.seed, rank=rank, world_size=world,
-                                   epoch=epoch, start=lambda e: skip if e == epoch else 0)
+            sampler = RoundSampler(
+                n,
+                self.plan,
+                self.cfg.batch_size,
+                seed=self.seed,
+                rank=rank,
+                world_size=world,
+                epoch=epoch,
+                start=lambda e: skip if e == epoch else 0,
+            )
             return DataLoader(IndexOnly(n), batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True)
-        sampler = ShardedEpochSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world, keyed=True,
-                                      epoch=epoch, start=lambda e: skip if e == epoch else 0)
+        sampler = ShardedEpochSampler(
+            n,
+            shuffle=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            keyed=True,
+            epoch=epoch,
+            start=lambda e: skip if e == epoch else 0,
+        )
         workers = self.cfg.num_workers
-        return DataLoader(KeyedDataset(self.dataset, self.seed), batch_size=self.cfg.batch_size, sampler=sampler,
-                          drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            KeyedDataset(self.dataset, self.seed),
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
 
 class SharedLastCheckpoint(ModelCheckpoint):
@@ -157,7 +181,9 @@ def _check_resumable(ckpt_path: str, module: SelfSupModule) -> None:
 
     meta = checkpoint_meta(ckpt_path)
     if not meta:
-        raise ValueError(f"'{ckpt_path}' was not written by selfsup pretrain (no 'selfsup' entry); cannot resume from it")
+        raise ValueError(
+            f"'{ckpt_path}' was not written by selfsup pretrain (no 'selfsup' entry); cannot resume from it"
+        )
     check_compatible(meta, module.checkpoint_meta(), path=f"'{ckpt_path}'")
 
 
@@ -177,7 +203,9 @@ def pretrain(
     spectrum monitor on, ``spectrum.jsonl``.
     """
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
-    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")  # kNN is reduced already
+    warnings.filterwarnings(
+        "ignore", message=".*when logging on epoch level in distributed.*"
+    )  # kNN is reduced already
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")  # SelfSupData resumes it
     out = Path(trainer.out_dir)
@@ -191,10 +219,23 @@ def pretrain(
     views_on_device = view_gen is not None
     if view_gen is None:  # per-image views come from the loader; this one serves the method's make_views calls
         view_gen = PerImageViews(MultiViewTransform(train_pipelines(data), data.views))
-    meta = {"config": config or {}, "batch_size": data.batch_size, "augment": data.augment,
-            "dataset": data.dataset, "root": data.root, "views": data.views}
-    module = SelfSupModule(method, optim, view_maker=view_gen, views_on_device=views_on_device, seed=trainer.seed,
-                           channels_last=trainer.channels_last, meta=meta)
+    meta = {
+        "config": config or {},
+        "batch_size": data.batch_size,
+        "augment": data.augment,
+        "dataset": data.dataset,
+        "root": data.root,
+        "views": data.views,
+    }
+    module = SelfSupModule(
+        method,
+        optim,
+        view_maker=view_gen,
+        views_on_device=views_on_device,
+        seed=trainer.seed,
+        channels_last=trainer.channels_last,
+        meta=meta,
+    )
     if ckpt_path is not None:
         _check_resumable(ckpt_path, module)
     if monitor.every_n_epochs:
@@ -203,42 +244,67 @@ def pretrain(
         module = module.to(memory_format=torch.channels_last)
 
     callbacks: list[L.Callback] = [
-        SharedLastCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch:04d}", auto_insert_metric_name=False,
-                             every_n_epochs=trainer.save_every_n_epochs, save_top_k=-1, save_last=True),
+        SharedLastCheckpoint(
+            dirpath=out / "checkpoints",
+            filename="epoch{epoch:04d}",
+            auto_insert_metric_name=False,
+            every_n_epochs=trainer.save_every_n_epochs,
+            save_top_k=-1,
+            save_last=True,
+        ),
     ]
     callbacks.append(FinalCheckpoint(out / "checkpoints" / "last.ckpt"))
     if trainer.save_every_n_steps:
-        callbacks.append(SharedLastCheckpoint(dirpath=out / "checkpoints", filename="step{step:08d}",
-                                              auto_insert_metric_name=False,
-                                              every_n_train_steps=trainer.save_every_n_steps, save_top_k=-1,
-                                              save_last=True))
+        callbacks.append(
+            SharedLastCheckpoint(
+                dirpath=out / "checkpoints",
+                filename="step{step:08d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=trainer.save_every_n_steps,
+                save_top_k=-1,
+                save_last=True,
+            )
+        )
     knn = None
     if monitor.every_n_epochs:
         bank = build_eval_dataset(data, data.bank_split, limit=monitor.bank_size)
         test = build_eval_dataset(data, data.test_split, limit=monitor.test_size)
-        knn = KNNMonitor(bank, test, num_classes(bank), every_n_epochs=monitor.every_n_epochs, k=monitor.k,
-                         temperature=monitor.temperature, batch_size=monitor.batch_size,
-                         num_workers=0 if data.in_memory else data.num_workers, which=monitor.which)
+        knn = KNNMonitor(
+            bank,
+            test,
+            num_classes(bank),
+            every_n_epochs=monitor.every_n_epochs,
+            k=monitor.k,
+            temperature=monitor.temperature,
+            batch_size=monitor.batch_size,
+            num_workers=0 if data.in_memory else data.num_workers,
+            which=monitor.which,
+        )
         callbacks.append(knn)
     if monitor.recon_every_n_epochs:
         if not hasattr(method, "heldout_loss"):
-            raise ValueError(f"monitor.recon_every_n_epochs: {type(method).__name__} is not a masked-image model "
-                             "(MAE, CAN, IMLE); set it to 0")
+            raise ValueError(
+                f"monitor.recon_every_n_epochs: {type(method).__name__} is not a masked-image model "
+                "(MAE, CAN, IMLE); set it to 0"
+            )
         from selfsup.engine.recon_monitor import ReconstructionMonitor
 
         held_out = build_eval_dataset(data, data.test_split, limit=monitor.recon_examples)
-        callbacks.append(ReconstructionMonitor(held_out, monitor.recon_every_n_epochs, monitor.recon_codes,
-                                               seed=trainer.seed))
+        callbacks.append(
+            ReconstructionMonitor(held_out, monitor.recon_every_n_epochs, monitor.recon_codes, seed=trainer.seed)
+        )
     if monitor.fewshot_every_n_epochs:
+        import dataclasses
+
         from selfsup.engine.fewshot_callback import FewShotMonitor
         from selfsup.eval.fewshot import FewShotConfig
 
-        import dataclasses
-
         unknown = sorted(set(monitor.fewshot or {}) - {f.name for f in dataclasses.fields(FewShotConfig)})
         if unknown:
-            raise ValueError(f"monitor.fewshot: unknown field(s) {unknown}; valid: "
-                             f"{[f.name for f in dataclasses.fields(FewShotConfig)]}")
+            raise ValueError(
+                f"monitor.fewshot: unknown field(s) {unknown}; valid: "
+                f"{[f.name for f in dataclasses.fields(FewShotConfig)]}"
+            )
         fs = FewShotConfig(**(monitor.fewshot or {}))
         support = build_eval_dataset(data, data.bank_split)
         query = support if data.test_split == data.bank_split else build_eval_dataset(data, data.test_split)
@@ -247,8 +313,17 @@ def pretrain(
             from selfsup.data.build import train_augmented_dataset
 
             augmented = train_augmented_dataset(data, data.bank_split)
-        callbacks.append(FewShotMonitor(support, query, fs, monitor.fewshot_every_n_epochs, augmented,
-                                        num_workers=0 if data.in_memory else data.num_workers, which=monitor.which))
+        callbacks.append(
+            FewShotMonitor(
+                support,
+                query,
+                fs,
+                monitor.fewshot_every_n_epochs,
+                augmented,
+                num_workers=0 if data.in_memory else data.num_workers,
+                which=monitor.which,
+            )
+        )
     if monitor.spectrum_every_n_steps:
         callbacks.append(SpectrumMonitor(monitor.spectrum_every_n_steps, out / SPECTRUM_FILE))
     if trainer.progress_bar:
@@ -280,14 +355,30 @@ def pretrain(
     if pl_trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         name = "config.json" if ckpt_path is None else time.strftime("config-resume-%Y%m%d-%H%M%S.json")
-        (out / name).write_text(json.dumps(config or {
-            "data": asdict(data), "optim": asdict(optim), "trainer": asdict(trainer), "monitor": asdict(monitor)},
-            indent=2, default=str))
+        (out / name).write_text(
+            json.dumps(
+                config
+                or {
+                    "data": asdict(data),
+                    "optim": asdict(optim),
+                    "trainer": asdict(trainer),
+                    "monitor": asdict(monitor),
+                },
+                indent=2,
+                default=str,
+            )
+        )
     plan = method.epoch_plan()
     if plan is not None and trainer.accumulate_grad_batches != 1:
-        raise ValueError(f"{type(method).__name__} trains in planned epochs (a fixed example set per epoch); "
-                         "trainer.accumulate_grad_batches must be 1")
+        raise ValueError(
+            f"{type(method).__name__} trains in planned epochs (a fixed example set per epoch); "
+            "trainer.accumulate_grad_batches must be 1"
+        )
     pl_trainer.fit(module, datamodule=SelfSupData(data, trainer.seed, train_ds, plan), ckpt_path=ckpt_path)
     last = out / "checkpoints" / "last.ckpt"
-    return {"run_dir": str(out), "last_checkpoint": str(last) if last.exists() else None,
-            "knn": knn.history if knn else [], "module": module}
+    return {
+        "run_dir": str(out),
+        "last_checkpoint": str(last) if last.exists() else None,
+        "knn": knn.history if knn else [],
+        "module": module,
+    }

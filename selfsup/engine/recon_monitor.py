@@ -38,8 +38,9 @@ class ReconstructionMonitor(L.Callback):
         batch_size: images per pass.
     """
 
-    def __init__(self, images: Dataset, every_n_epochs: int = 1, num_codes: int = 128, seed: int = 0,
-                 batch_size: int = 32):
+    def __init__(
+        self, images: Dataset, every_n_epochs: int = 1, num_codes: int = 128, seed: int = 0, batch_size: int = 32
+    ):
         if every_n_epochs < 0 or num_codes < 1:
             raise ValueError(f"every_n_epochs must be >= 0 and num_codes >= 1, got {every_n_epochs}, {num_codes}")
         self.images, self.every_n_epochs, self.num_codes = images, every_n_epochs, num_codes

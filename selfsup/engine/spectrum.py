@@ -46,7 +46,7 @@ from torch import Tensor
 
 from selfsup.losses.spectrum import alignment, effective_rank, rankme, singular_values, uniformity
 
-__all__ = ["SpectrumMonitor", "as_views", "spectrum_stats", "SPECTRUM_FILE"]
+__all__ = ["SPECTRUM_FILE", "SpectrumMonitor", "as_views", "spectrum_stats"]
 
 #: File name of the spectrum log inside a run directory.
 SPECTRUM_FILE = "spectrum.jsonl"
@@ -142,8 +142,9 @@ class SpectrumMonitor(L.Callback):
         return step % self.every_n_steps == 0 or last
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not isinstance(outputs, Mapping) or not outputs.get("embeddings") or not trainer.is_global_zero:
             return
         if not self.due(trainer, batch_idx):
@@ -163,9 +164,13 @@ class SpectrumMonitor(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         if self.path is not None:
-            record = {"step": step, "epoch": trainer.current_epoch, "time": round(time.time(), 3),
-                      "metrics": {k: _round(v) for k, v in scalars.items()},
-                      "singular_values": {k: [_round(x) for x in v] for k, v in spectra.items()}}
+            record = {
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "time": round(time.time(), 3),
+                "metrics": {k: _round(v) for k, v in scalars.items()},
+                "singular_values": {k: [_round(x) for x in v] for k, v in spectra.items()},
+            }
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

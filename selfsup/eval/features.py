@@ -65,8 +65,7 @@ def check_labels(labels: Tensor | Sequence[int], num_classes: int, name: str) ->
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
-            f"{name} must lie in [0, num_classes={num_classes}), "
-            f"got range [{int(labels.min())}, {int(labels.max())}]"
+            f"{name} must lie in [0, num_classes={num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
         )
     return labels
 

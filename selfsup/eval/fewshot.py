@@ -116,8 +116,10 @@ class FewShotConfig:
         if self.metric not in ("cosine", "euclidean"):
             raise ValueError(f"fewshot.metric must be 'cosine' or 'euclidean', got {self.metric!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.min_lr < 0:
-            raise ValueError(f"fewshot: need lr > 0, weight_decay >= 0, min_lr >= 0; got {self.lr}, "
-                             f"{self.weight_decay}, {self.min_lr}")
+            raise ValueError(
+                f"fewshot: need lr > 0, weight_decay >= 0, min_lr >= 0; got {self.lr}, "
+                f"{self.weight_decay}, {self.min_lr}"
+            )
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"fewshot.warmup_epochs must be in [0, epochs = {self.epochs}], got {self.warmup_epochs}")
 
@@ -169,8 +171,10 @@ class FewShotResult:
     def summary(self) -> str:
         """``"5-way 5-shot prototype: <accuracy> ± <ci95> % (95% CI, 100 episodes)"`` (two decimals)."""
         way = "all-way" if self.n_way == -1 else f"{self.n_way}-way"
-        return (f"{way} {self.n_shot}-shot {self.classifier}: {self.accuracy:.2f} ± {self.ci95:.2f} % "
-                f"(95% CI, {self.episodes} episode{'s' if self.episodes != 1 else ''})")
+        return (
+            f"{way} {self.n_shot}-shot {self.classifier}: {self.accuracy:.2f} ± {self.ci95:.2f} % "
+            f"(95% CI, {self.episodes} episode{'s' if self.episodes != 1 else ''})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
@@ -205,9 +209,15 @@ def _pools(labels: Tensor) -> dict[int, Tensor]:
     return dict(zip(values.tolist(), order.split(counts.tolist())))
 
 
-def sample_episodes(support_y: Sequence[int] | Tensor, query_y: Sequence[int] | Tensor, cfg: FewShotConfig, *,
-                    same_split: bool = False, class_map: Optional[dict[int, int]] = None,
-                    class_names: Optional[Sequence[str]] = None) -> list[Episode]:
+def sample_episodes(
+    support_y: Sequence[int] | Tensor,
+    query_y: Sequence[int] | Tensor,
+    cfg: FewShotConfig,
+    *,
+    same_split: bool = False,
+    class_map: Optional[dict[int, int]] = None,
+    class_names: Optional[Sequence[str]] = None,
+) -> list[Episode]:
     """``cfg.episodes`` seeded episodes over the labels of the two splits.
 
     Args:
@@ -243,12 +253,14 @@ def sample_episodes(support_y: Sequence[int] | Tensor, query_y: Sequence[int] | 
             eligible.append(c)
     n_way = len(eligible) if cfg.n_way == -1 else cfg.n_way
     if len(eligible) < max(n_way, 2):
-        name = (lambda c: class_names[c] if class_names is not None and c < len(class_names) else str(c))
+        name = lambda c: class_names[c] if class_names is not None and c < len(class_names) else str(c)
         short = ", ".join(f"{name(c)}: {s}/{q}" for c, (s, q) in sorted(counts.items())[:8])
-        raise ValueError(f"{len(eligible)} classes have {cfg.n_shot} support and {need_q} query images "
-                         f"{'(disjoint, one split) ' if same_split else ''}but an episode needs "
-                         f"{max(n_way, 2)}; support/query images per class: {short}"
-                         f"{' ...' if len(counts) > 8 else ''}")
+        raise ValueError(
+            f"{len(eligible)} classes have {cfg.n_shot} support and {need_q} query images "
+            f"{'(disjoint, one split) ' if same_split else ''}but an episode needs "
+            f"{max(n_way, 2)}; support/query images per class: {short}"
+            f"{' ...' if len(counts) > 8 else ''}"
+        )
     eligible_t = torch.tensor(sorted(eligible))
     episodes = []
     for e in range(cfg.episodes):
@@ -284,8 +296,9 @@ def _prototype_logits(support_f: Tensor, support_y: Tensor, query_f: Tensor, n_w
     return -torch.cdist(q, protos).pow(2)
 
 
-def fit_linear_heads(support_f: Tensor, support_y: Tensor, n_way: int, cfg: FewShotConfig,
-                     seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+def fit_linear_heads(
+    support_f: Tensor, support_y: Tensor, n_way: int, cfg: FewShotConfig, seeds: Sequence[int]
+) -> tuple[Tensor, Tensor]:
     """Fit ``E`` independent fast probes at once: ``support_f [E, S, D]``, ``support_y [E, S]`` -> ``(W [E, n_way, D],
     b [E, n_way])``.
 
@@ -299,8 +312,12 @@ def fit_linear_heads(support_f: Tensor, support_y: Tensor, n_way: int, cfg: FewS
     gens = [torch.Generator().manual_seed(key_seed(int(sd), 1)) for sd in seeds]
     weight = nn.Parameter(torch.stack([torch.randn(n_way, d, generator=g) * 0.01 for g in gens]))  # [E, n_way, D]
     bias = nn.Parameter(torch.zeros(e, n_way))
-    opt = build_optimizer([{"params": [weight], "weight_decay": cfg.weight_decay},
-                           {"params": [bias], "weight_decay": 0.0}], "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(
+        [{"params": [weight], "weight_decay": cfg.weight_decay}, {"params": [bias], "weight_decay": 0.0}],
+        "adamw",
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
     steps = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps
     warm = cfg.epochs / 10 if cfg.warmup_epochs is None else cfg.warmup_epochs
@@ -332,8 +349,15 @@ def _prepare(f: Tensor, cfg: FewShotConfig) -> Tensor:
     return F.normalize(f, dim=-1) if cfg.normalize else f
 
 
-def episode_accuracy(support_f: Tensor, support_y: Tensor, query_f: Tensor, query_y: Tensor, n_way: int,
-                     cfg: FewShotConfig, seed: int = 0) -> float:
+def episode_accuracy(
+    support_f: Tensor,
+    support_y: Tensor,
+    query_f: Tensor,
+    query_y: Tensor,
+    n_way: int,
+    cfg: FewShotConfig,
+    seed: int = 0,
+) -> float:
     """Percent of queries classified correctly by ``cfg.classifier`` fitted on one episode's support.
 
     ``support_f`` is ``[S, D]`` or ``[S, A, D]`` (``A`` views per image, labels ``support_y [S]``);
@@ -348,29 +372,69 @@ def episode_accuracy(support_f: Tensor, support_y: Tensor, query_f: Tensor, quer
     return 100.0 * float((logits.argmax(1) == torch.as_tensor(query_y)).double().mean())
 
 
-def _run(episodes: list[Episode], support_f: Tensor, query_f: Tensor, cfg: FewShotConfig, *, t0: float,
-         n_support: int, n_query: int, n_embedded: int = 0) -> FewShotResult:
+def _run(
+    episodes: list[Episode],
+    support_f: Tensor,
+    query_f: Tensor,
+    cfg: FewShotConfig,
+    *,
+    t0: float,
+    n_support: int,
+    n_query: int,
+    n_embedded: int = 0,
+) -> FewShotResult:
     seeds = [episode_seed(cfg.seed, e) for e in range(len(episodes))]
     if cfg.classifier == "linear":  # every episode has the same support size: fit all heads in one batch
         flat = [_flat_support(support_f[ep.support], ep.support_y) for ep in episodes]
         n_way = episodes[0].classes.numel()
-        w, b = fit_linear_heads(torch.stack([_prepare(f, cfg) for f, _ in flat]), torch.stack([y for _, y in flat]),
-                                n_way, cfg, seeds)
-        accs = [100.0 * float(((_prepare(query_f[ep.query], cfg) @ w[e].T + b[e]).argmax(1) == ep.query_y)
-                              .double().mean()) for e, ep in enumerate(episodes)]
+        w, b = fit_linear_heads(
+            torch.stack([_prepare(f, cfg) for f, _ in flat]), torch.stack([y for _, y in flat]), n_way, cfg, seeds
+        )
+        accs = [
+            100.0 * float(((_prepare(query_f[ep.query], cfg) @ w[e].T + b[e]).argmax(1) == ep.query_y).double().mean())
+            for e, ep in enumerate(episodes)
+        ]
     else:
-        accs = [episode_accuracy(support_f[ep.support], ep.support_y, query_f[ep.query], ep.query_y,
-                                 ep.classes.numel(), cfg, seed=seeds[e]) for e, ep in enumerate(episodes)]
+        accs = [
+            episode_accuracy(
+                support_f[ep.support],
+                ep.support_y,
+                query_f[ep.query],
+                ep.query_y,
+                ep.classes.numel(),
+                cfg,
+                seed=seeds[e],
+            )
+            for e, ep in enumerate(episodes)
+        ]
     mean, ci, std = confidence_interval(accs)
-    return FewShotResult(accuracy=mean, ci95=ci, std=std, episodes=len(accs), n_way=cfg.n_way, n_shot=cfg.n_shot,
-                         n_query=cfg.n_query, classifier=cfg.classifier, per_episode=accs,
-                         n_support_images=n_support, n_query_images=n_query, n_embedded=n_embedded,
-                         seconds=time.perf_counter() - t0, config=dataclasses.asdict(cfg))
+    return FewShotResult(
+        accuracy=mean,
+        ci95=ci,
+        std=std,
+        episodes=len(accs),
+        n_way=cfg.n_way,
+        n_shot=cfg.n_shot,
+        n_query=cfg.n_query,
+        classifier=cfg.classifier,
+        per_episode=accs,
+        n_support_images=n_support,
+        n_query_images=n_query,
+        n_embedded=n_embedded,
+        seconds=time.perf_counter() - t0,
+        config=dataclasses.asdict(cfg),
+    )
 
 
-def few_shot_from_features(support_f: Tensor, support_y: Sequence[int] | Tensor, query_f: Tensor,
-                           query_y: Sequence[int] | Tensor, cfg: Optional[FewShotConfig] = None, *,
-                           same_split: bool = False) -> FewShotResult:
+def few_shot_from_features(
+    support_f: Tensor,
+    support_y: Sequence[int] | Tensor,
+    query_f: Tensor,
+    query_y: Sequence[int] | Tensor,
+    cfg: Optional[FewShotConfig] = None,
+    *,
+    same_split: bool = False,
+) -> FewShotResult:
     """Few-shot accuracy from the features of whole splits: ``support_f [Ns, D]`` or ``[Ns, A, D]`` with labels
     ``[Ns]``, ``query_f [Nq, D]`` with labels ``[Nq]`` (the same label space). ``same_split``: the two are
     the same split (queries disjoint from supports)."""
@@ -378,8 +442,10 @@ def few_shot_from_features(support_f: Tensor, support_y: Sequence[int] | Tensor,
     cfg = cfg or FewShotConfig()
     sy, qy = torch.as_tensor(support_y).long(), torch.as_tensor(query_y).long()
     if support_f.shape[0] != sy.numel() or query_f.shape[0] != qy.numel():
-        raise ValueError(f"features and labels differ in length: support {tuple(support_f.shape)} vs {sy.numel()}, "
-                         f"query {tuple(query_f.shape)} vs {qy.numel()}")
+        raise ValueError(
+            f"features and labels differ in length: support {tuple(support_f.shape)} vs {sy.numel()}, "
+            f"query {tuple(query_f.shape)} vs {qy.numel()}"
+        )
     episodes = sample_episodes(sy, qy, cfg, same_split=same_split)
     n_s = torch.unique(torch.cat([ep.support for ep in episodes])).numel()
     n_q = torch.unique(torch.cat([ep.query for ep in episodes])).numel()
@@ -394,16 +460,25 @@ def _labels(ds: Dataset, role: str) -> Tensor:
     return torch.as_tensor(targets, dtype=torch.long).reshape(-1)
 
 
-def _features_of(backbone: nn.Module, ds: Dataset, idx: Tensor, device, batch_size: int, num_workers: int,
-                 amp_dtype) -> Tensor:
+def _features_of(
+    backbone: nn.Module, ds: Dataset, idx: Tensor, device, batch_size: int, num_workers: int, amp_dtype
+) -> Tensor:
     loader = DataLoader(Subset(ds, idx.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return extract_features(backbone, loader, device=device, amp_dtype=amp_dtype)[0]
 
 
-def few_shot_eval(backbone: nn.Module, support: Dataset, query: Dataset, cfg: Optional[FewShotConfig] = None, *,
-                  support_augmented: Optional[Dataset] = None, device: str | torch.device = "cpu",
-                  batch_size: int = 256, num_workers: int = 0,
-                  amp_dtype: Optional[torch.dtype] = None) -> FewShotResult:
+def few_shot_eval(
+    backbone: nn.Module,
+    support: Dataset,
+    query: Dataset,
+    cfg: Optional[FewShotConfig] = None,
+    *,
+    support_augmented: Optional[Dataset] = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> FewShotResult:
     """Few-shot accuracy of a frozen ``backbone`` (already on ``device``) over ``cfg.episodes`` episodes.
 
     Args:
@@ -427,17 +502,18 @@ def few_shot_eval(backbone: nn.Module, support: Dataset, query: Dataset, cfg: Op
     where = {str(n): j for j, n in enumerate(q_names)}
     class_map = {c: where[str(n)] for c, n in enumerate(s_names) if str(n) in where}
     if not class_map:
-        raise ValueError(f"the support and query splits share no class name (support: {s_names[:5]}..., "
-                         f"query: {q_names[:5]}...)")
+        raise ValueError(
+            f"the support and query splits share no class name (support: {s_names[:5]}..., query: {q_names[:5]}...)"
+        )
     if cfg.augs_per_image > 0:
         if support_augmented is None:
-            raise ValueError("fewshot.augs_per_image > 0 needs support_augmented (the support images with the "
-                             "training augmentation)")
+            raise ValueError(
+                "fewshot.augs_per_image > 0 needs support_augmented (the support images with the training augmentation)"
+            )
         n_aug, n_sup = len(support_augmented), len(support)  # type: ignore[arg-type]
         if n_aug != n_sup:
             raise ValueError(f"support_augmented has {n_aug} images, the support split {n_sup}")
-    episodes = sample_episodes(sy, qy, cfg, same_split=same, class_map=None if same else class_map,
-                               class_names=s_names)
+    episodes = sample_episodes(sy, qy, cfg, same_split=same, class_map=None if same else class_map, class_names=s_names)
     s_used = torch.unique(torch.cat([ep.support for ep in episodes]))  # sorted
     q_used = torch.unique(torch.cat([ep.query for ep in episodes]))
     device = torch.device(device)
@@ -459,7 +535,10 @@ def few_shot_eval(backbone: nn.Module, support: Dataset, query: Dataset, cfg: Op
             q_feats = _features_of(backbone, query, q_used, **kw)
             n_embedded = cfg.augs_per_image * s_used.numel() + q_used.numel()
     # episode indices (into the splits) -> rows of the compact feature tensors
-    remapped = [ep._replace(support=torch.searchsorted(s_used, ep.support), query=torch.searchsorted(q_used, ep.query))
-                for ep in episodes]
-    return _run(remapped, s_feats, q_feats, cfg, t0=t0, n_support=s_used.numel(), n_query=q_used.numel(),
-                n_embedded=n_embedded)
+    remapped = [
+        ep._replace(support=torch.searchsorted(s_used, ep.support), query=torch.searchsorted(q_used, ep.query))
+        for ep in episodes
+    ]
+    return _run(
+        remapped, s_feats, q_feats, cfg, t0=t0, n_support=s_used.numel(), n_query=q_used.numel(), n_embedded=n_embedded
+    )

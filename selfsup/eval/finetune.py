@@ -58,15 +58,15 @@ from selfsup.eval.pool import POOLS, current_pool, is_vit, set_global_pool
 
 __all__ = [
     "FinetuneConfig",
-    "FinetuneResult",
     "FinetuneModel",
-    "layer_ids",
-    "lr_scales",
-    "finetune_param_groups",
-    "build_mixup",
+    "FinetuneResult",
     "build_criterion",
+    "build_mixup",
     "evaluate_model",
     "finetune",
+    "finetune_param_groups",
+    "layer_ids",
+    "lr_scales",
 ]
 
 #: ViT parameters that sit before the blocks (layer id 0).
@@ -198,8 +198,10 @@ class FinetuneConfig:
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise bad("crop_scale", "0 < low <= high <= 1")
         if self.mixup_active and self.batch_size % 2:
-            raise ValueError(f"FinetuneConfig.batch_size must be even when mixup / cutmix is on (timm's Mixup "
-                             f"pairs each image with another of the batch), got {self.batch_size}")
+            raise ValueError(
+                f"FinetuneConfig.batch_size must be even when mixup / cutmix is on (timm's Mixup "
+                f"pairs each image with another of the batch), got {self.batch_size}"
+            )
 
     @property
     def mixup_active(self) -> bool:
@@ -219,8 +221,13 @@ class FinetuneConfig:
 class FinetuneModel(nn.Module):
     """``head(backbone(x))``: the backbone's pooled features through a new ``Linear(F, C)``."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head_init_std: Optional[float] = 2e-5,
-                 generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        head_init_std: Optional[float] = 2e-5,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -228,8 +235,9 @@ class FinetuneModel(nn.Module):
         self.head = nn.Linear(int(backbone.num_features), num_classes)
         if head_init_std is not None:
             with torch.no_grad():
-                nn.init.trunc_normal_(self.head.weight, std=head_init_std, a=-2 * head_init_std,
-                                      b=2 * head_init_std, generator=generator)
+                nn.init.trunc_normal_(
+                    self.head.weight, std=head_init_std, a=-2 * head_init_std, b=2 * head_init_std, generator=generator
+                )
                 self.head.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -272,8 +280,10 @@ def layer_ids(model: FinetuneModel, layer_decay: float = 0.65) -> tuple[dict[str
         ids = {f"backbone.{n}": resnet_id(n) for n, _ in backbone.named_parameters()}
     else:
         if layer_decay != 1.0:
-            raise ValueError(f"layer_decay {layer_decay}: layer ids are defined for timm ViTs and ResNets, not for "
-                             f"{type(backbone).__name__}; set layer_decay 1.0")
+            raise ValueError(
+                f"layer_decay {layer_decay}: layer ids are defined for timm ViTs and ResNets, not for "
+                f"{type(backbone).__name__}; set layer_decay 1.0"
+            )
         top = 0
         ids = {f"backbone.{n}": 0 for n, _ in backbone.named_parameters()}
     ids.update({f"head.{n}": top for n, _ in model.head.named_parameters()})
@@ -304,9 +314,14 @@ def finetune_param_groups(model: FinetuneModel, cfg: FinetuneConfig, peak_lr: fl
         key = (layer, decay)
         if key not in groups:
             scale = cfg.layer_decay ** (top - layer)
-            groups[key] = {"name": f"layer{layer}/{'decay' if decay else 'no_decay'}", "params": [],
-                           "param_names": [], "weight_decay": cfg.weight_decay if decay else 0.0,
-                           "lr_scale": scale, "lr": peak_lr * scale}
+            groups[key] = {
+                "name": f"layer{layer}/{'decay' if decay else 'no_decay'}",
+                "params": [],
+                "param_names": [],
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr_scale": scale,
+                "lr": peak_lr * scale,
+            }
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
     if not groups:
@@ -328,9 +343,15 @@ def build_mixup(cfg: FinetuneConfig, num_classes: int):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                 switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.label_smoothing,
-                 num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def build_criterion(cfg: FinetuneConfig) -> nn.Module:
@@ -350,8 +371,14 @@ def build_criterion(cfg: FinetuneConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-                   amp_dtype: Optional[torch.dtype] = None, name: str = "labels") -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    name: str = "labels",
+) -> dict[str, float]:
     """Top-1 / top-5 (percent) of ``model`` in eval mode over ``loader``; flags restored afterwards."""
     logits, labels = [], []
     with eval_mode(model):
@@ -465,18 +492,23 @@ def finetune(
     cfg = FinetuneConfig() if cfg is None else cfg
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     device = torch.device(device)
-    labels, tr_idx, va_idx = dataset_selection_split(train_dataset, train_labels, val_dataset, num_classes,
-                                                     cfg.val_fraction, cfg.seed)
+    _labels, tr_idx, va_idx = dataset_selection_split(
+        train_dataset, train_labels, val_dataset, num_classes, cfg.val_fraction, cfg.seed
+    )
     has_val = va_idx.numel() > 0
     steps_per_epoch = tr_idx.numel() // cfg.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"the training part of the train split has {tr_idx.numel()} images, fewer than one batch "
-                         f"(batch_size {cfg.batch_size}); lower batch_size")
+        raise ValueError(
+            f"the training part of the train split has {tr_idx.numel()} images, fewer than one batch "
+            f"(batch_size {cfg.batch_size}); lower batch_size"
+        )
     drop_path = _drop_path_in_effect(backbone)
     if is_vit(backbone) and not math.isclose(drop_path, cfg.drop_path, abs_tol=1e-6):
-        raise ValueError(f"the ViT was built with drop_path_rate {drop_path:g} but FinetuneConfig.drop_path is "
-                         f"{cfg.drop_path:g}; build it with drop_path_rate={cfg.drop_path} "
-                         "(selfsup.eval.finetune_data.prepare_backbone)")
+        raise ValueError(
+            f"the ViT was built with drop_path_rate {drop_path:g} but FinetuneConfig.drop_path is "
+            f"{cfg.drop_path:g}; build it with drop_path_rate={cfg.drop_path} "
+            "(selfsup.eval.finetune_data.prepare_backbone)"
+        )
 
     set_global_pool(backbone, cfg.pool)
     peak = cfg.peak_lr()
@@ -490,8 +522,9 @@ def finetune(
         g_head = torch.Generator().manual_seed(cfg.seed)
         model = FinetuneModel(backbone, num_classes, cfg.head_init_std, generator=g_head).to(device)
         groups = finetune_param_groups(model, cfg, peak)
-        opt = build_optimizer(groups, cfg.optimizer, lr=peak, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                              betas=cfg.betas)
+        opt = build_optimizer(
+            groups, cfg.optimizer, lr=peak, weight_decay=cfg.weight_decay, momentum=cfg.momentum, betas=cfg.betas
+        )
         total = cfg.epochs * steps_per_epoch
         warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
         schedule = build_scheduler(opt, total, warmup, cfg.min_lr / peak, "cosine")
@@ -501,8 +534,9 @@ def finetune(
 
         train_subset = Subset(train_dataset, tr_idx.tolist())
         sampler = RandomSampler(train_subset, generator=torch.Generator().manual_seed(cfg.seed + 1))
-        train_loader = loader(train_subset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              persistent_workers=num_workers > 0)
+        train_loader = loader(
+            train_subset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, persistent_workers=num_workers > 0
+        )
         val_loader = loader(Subset(val_dataset, va_idx.tolist()), batch_size=eval_batch_size) if has_val else None
 
         val_curve: list[float] = []
@@ -521,8 +555,10 @@ def finetune(
                     logits = model(x)
                 loss = criterion(logits.float(), target)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fine-tune loss is {loss.item()} at epoch {epoch}, step {step + 1} "
-                                             f"(peak lr {peak:g}); lower lr or check the inputs")
+                    raise FloatingPointError(
+                        f"fine-tune loss is {loss.item()} at epoch {epoch}, step {step + 1} "
+                        f"(peak lr {peak:g}); lower lr or check the inputs"
+                    )
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.clip_grad is not None:

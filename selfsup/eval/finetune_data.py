@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -29,8 +30,15 @@ from selfsup.eval.load import read_backbone_state
 from selfsup.eval.pool import is_vit, set_global_pool
 from selfsup.models import backbone_spec, build_backbone
 
-__all__ = ["finetune_spec", "prepare_backbone", "train_transform", "finetune_datasets", "amp_dtype",
-           "finetune_on_data", "finetune_checkpoint"]
+__all__ = [
+    "amp_dtype",
+    "finetune_checkpoint",
+    "finetune_datasets",
+    "finetune_on_data",
+    "finetune_spec",
+    "prepare_backbone",
+    "train_transform",
+]
 
 
 def finetune_spec(spec: dict, cfg: FinetuneConfig) -> dict:
@@ -56,8 +64,9 @@ def prepare_backbone(path: str | os.PathLike, cfg: FinetuneConfig, which: str = 
     model = build_backbone(spec)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"weights in '{path}' do not match backbone {spec}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"weights in '{path}' do not match backbone {spec}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return set_global_pool(model, cfg.pool), spec
 
 
@@ -119,17 +128,33 @@ def train_transform(aug: Augment, cfg: FinetuneConfig) -> Callable[[Any], torch.
     if cfg.augment == "randaugment":
         from timm.data import create_transform
 
-        return _AcceptTensors(_fix_posterize(create_transform(
-            input_size=aug.crop_size, is_training=True, scale=cfg.crop_scale, ratio=aug.ratio, hflip=0.5,
-            color_jitter=None, auto_augment=cfg.randaugment, interpolation=cfg.interpolation, re_prob=cfg.reprob,
-            re_mode="pixel", re_count=1, mean=aug.mean, std=aug.std)))
+        return _AcceptTensors(
+            _fix_posterize(
+                create_transform(
+                    input_size=aug.crop_size,
+                    is_training=True,
+                    scale=cfg.crop_scale,
+                    ratio=aug.ratio,
+                    hflip=0.5,
+                    color_jitter=None,
+                    auto_augment=cfg.randaugment,
+                    interpolation=cfg.interpolation,
+                    re_prob=cfg.reprob,
+                    re_mode="pixel",
+                    re_count=1,
+                    mean=aug.mean,
+                    std=aug.std,
+                )
+            )
+        )
     if cfg.augment == "ssl":
         return per_image_transform(aug)
     if cfg.augment == "crop_flip":
         from selfsup.eval.protocols import CROP_FLIP
 
-        return per_image_transform(dataclasses.replace(aug, **{**CROP_FLIP, "scale": cfg.crop_scale},
-                                                       interpolation=cfg.interpolation))
+        return per_image_transform(
+            dataclasses.replace(aug, **{**CROP_FLIP, "scale": cfg.crop_scale}, interpolation=cfg.interpolation)
+        )
     if cfg.augment == "none":
         return eval_transform(aug)
     raise ValueError(f"FinetuneConfig.augment must be randaugment, ssl, crop_flip or none, got {cfg.augment!r}")
@@ -162,8 +187,14 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return table[amp]
 
 
-def finetune_on_data(backbone: nn.Module, data: Any, cfg: FinetuneConfig, device: str | torch.device = "cpu",
-                     amp: str = "auto", eval_batch_size: int = 512) -> FinetuneResult:
+def finetune_on_data(
+    backbone: nn.Module,
+    data: Any,
+    cfg: FinetuneConfig,
+    device: str | torch.device = "cpu",
+    amp: str = "auto",
+    eval_batch_size: int = 512,
+) -> FinetuneResult:
     """Fine-tune ``backbone`` (from :func:`prepare_backbone`) on ``data`` (a ``DataConfig``, see
     :func:`finetune_datasets`); a ViT's ``img_size`` must be the preset's crop size."""
     device = torch.device(device)
@@ -172,16 +203,34 @@ def finetune_on_data(backbone: nn.Module, data: Any, cfg: FinetuneConfig, device
     if is_vit(backbone):
         img = tuple(backbone.patch_embed.img_size)
         if img != (crop, crop):
-            raise ValueError(f"the ViT was pretrained at img_size {img[0]} but the data preset "
-                             f"'{data.augment}' crops {crop} px; pass --data.augment with a {img[0]} px crop")
+            raise ValueError(
+                f"the ViT was pretrained at img_size {img[0]} but the data preset "
+                f"'{data.augment}' crops {crop} px; pass --data.augment with a {img[0]} px crop"
+            )
     workers = 0 if data.in_memory else data.num_workers
-    return finetune(backbone.to(device), train, val, test, classes, cfg, device=device, num_workers=workers,
-                    eval_batch_size=eval_batch_size, amp_dtype=amp_dtype(amp, device))
+    return finetune(
+        backbone.to(device),
+        train,
+        val,
+        test,
+        classes,
+        cfg,
+        device=device,
+        num_workers=workers,
+        eval_batch_size=eval_batch_size,
+        amp_dtype=amp_dtype(amp, device),
+    )
 
 
-def finetune_checkpoint(checkpoint: str | os.PathLike, data: Any, cfg: FinetuneConfig, which: str = "online",
-                        device: str | torch.device = "cpu", amp: str = "auto",
-                        eval_batch_size: int = 512) -> tuple[FinetuneResult, dict]:
+def finetune_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: Any,
+    cfg: FinetuneConfig,
+    which: str = "online",
+    device: str | torch.device = "cpu",
+    amp: str = "auto",
+    eval_batch_size: int = 512,
+) -> tuple[FinetuneResult, dict]:
     """Fine-tune the backbone of ``checkpoint`` on ``data`` (a ``DataConfig``); returns ``(result, spec)``."""
     backbone, spec = prepare_backbone(checkpoint, cfg, which)
     return finetune_on_data(backbone, data, cfg, device, amp, eval_batch_size), spec

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from selfsup.eval.features import check_labels
 
-__all__ = ["knn_topk", "merge_topk", "vote", "knn_scores", "knn_accuracy", "topk_accuracy"]
+__all__ = ["knn_accuracy", "knn_scores", "knn_topk", "merge_topk", "topk_accuracy", "vote"]
 
 
 def _first_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -57,10 +57,10 @@ __all__ = [
     "ProbeResult",
     "build_linear_head",
     "evaluate_head",
+    "linear_probe_augmented",
+    "linear_probe_cached",
     "split_train_val",
     "train_linear_on_features",
-    "linear_probe_cached",
-    "linear_probe_augmented",
 ]
 
 OptimizerName = Literal["sgd", "adam", "lars"]
@@ -131,8 +131,9 @@ class ProbeConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.warmup_epochs < 0 or self.final_lr_ratio < 0:
-            raise ValueError(f"warmup_epochs and final_lr_ratio must be >= 0, got {self.warmup_epochs}, "
-                             f"{self.final_lr_ratio}")
+            raise ValueError(
+                f"warmup_epochs and final_lr_ratio must be >= 0, got {self.warmup_epochs}, {self.final_lr_ratio}"
+            )
         scaled_lr(1.0, self.batch_size, rule=self.scale_lr)  # validates the rule
 
     def peak_lr(self, lr: float) -> float:
@@ -186,7 +187,9 @@ def evaluate_head(head: nn.Module, feats: Tensor, labels: Tensor, batch_size: in
         return {"top1": float("nan"), "top5": float("nan")}
     device = next(head.parameters()).device
     with eval_mode(head):
-        logits = torch.cat([head(feats[i : i + batch_size].to(device).float()) for i in range(0, feats.shape[0], batch_size)])
+        logits = torch.cat(
+            [head(feats[i : i + batch_size].to(device).float()) for i in range(0, feats.shape[0], batch_size)]
+        )
     return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
 
 
@@ -212,7 +215,7 @@ def split_train_val(labels: Sequence[int] | Tensor, val_fraction: float = 0.1, s
             n_c = idx.numel()
             if n_c < 2:
                 continue
-            n_val = min(max(int(round(val_fraction * n_c)), 1), n_c - 1)
+            n_val = min(max(round(val_fraction * n_c), 1), n_c - 1)
             is_val[idx[torch.randperm(n_c, generator=g)[:n_val]]] = True
     return (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
 
@@ -267,8 +270,10 @@ def _fit_head(
     g_shuffle = torch.Generator().manual_seed(cfg.seed + 1)
     head = build_linear_head(in_features, num_classes, cfg.feature_norm, generator=g_init).to(device)
 
-    groups = [{"params": [head.fc.weight], "weight_decay": weight_decay},
-              {"params": [head.fc.bias], "weight_decay": 0.0, "lars_exclude": True}]
+    groups = [
+        {"params": [head.fc.weight], "weight_decay": weight_decay},
+        {"params": [head.fc.bias], "weight_decay": 0.0, "lars_exclude": True},
+    ]
     opt = build_optimizer(groups, cfg.optimizer, lr=cfg.peak_lr(lr), weight_decay=weight_decay, momentum=cfg.momentum)
     steps_per_epoch = _steps_per_epoch(n_train, cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -379,9 +384,17 @@ def train_linear_on_features(
     train_f = train_f.to(device).float()
     train_y = train_y.to(device)
     return _fit_head(
-        _cached_source(train_f, train_y), train_f.shape[0], train_f.shape[1], val_f.float(), val_y, num_classes, cfg,
-        cfg.lrs[0] if lr is None else float(lr), cfg.weight_decays[0] if weight_decay is None else float(weight_decay),
-        device, on_epoch_end=on_epoch_end,
+        _cached_source(train_f, train_y),
+        train_f.shape[0],
+        train_f.shape[1],
+        val_f.float(),
+        val_y,
+        num_classes,
+        cfg,
+        cfg.lrs[0] if lr is None else float(lr),
+        cfg.weight_decays[0] if weight_decay is None else float(weight_decay),
+        device,
+        on_epoch_end=on_epoch_end,
     )
 
 
@@ -437,8 +450,9 @@ class ProbeResult:
         return out
 
 
-def _select(fit: Callable[[float, float], dict[str, Any]], cfg: ProbeConfig,
-            has_val: bool) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def _select(
+    fit: Callable[[float, float], dict[str, Any]], cfg: ProbeConfig, has_val: bool
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Fit every (lr, wd) candidate; return the one with the best validation top-1 and the grid.
 
     Ties keep the earlier candidate (grid order: lrs outer, weight decays inner).
@@ -450,16 +464,30 @@ def _select(fit: Callable[[float, float], dict[str, Any]], cfg: ProbeConfig,
     grid: list[dict[str, float]] = []
     for lr, wd in candidates:
         run = fit(lr, wd)
-        grid.append({"lr": lr, "weight_decay": wd, "best_val_top1": run["best_val_top1"], "best_epoch": run["best_epoch"]})
+        grid.append(
+            {"lr": lr, "weight_decay": wd, "best_val_top1": run["best_val_top1"], "best_epoch": run["best_epoch"]}
+        )
         if best is None or run["best_val_top1"] > best["best_val_top1"]:
             best = run
     assert best is not None
     return best, grid
 
 
-def _probe_result(best: dict[str, Any], grid: list[dict[str, float]], best_head: nn.Module, last_head: nn.Module,
-                  test_f: Tensor, test_y: Tensor, cfg: ProbeConfig, *, t0: float, mode: str, n_train: int,
-                  n_val: int, has_val: bool) -> ProbeResult:
+def _probe_result(
+    best: dict[str, Any],
+    grid: list[dict[str, float]],
+    best_head: nn.Module,
+    last_head: nn.Module,
+    test_f: Tensor,
+    test_y: Tensor,
+    cfg: ProbeConfig,
+    *,
+    t0: float,
+    mode: str,
+    n_train: int,
+    n_val: int,
+    has_val: bool,
+) -> ProbeResult:
     """Score the test split once with the selected (best-on-val) head and the last-epoch head."""
     test_best = evaluate_head(best_head, test_f, test_y)
     test_last = evaluate_head(last_head, test_f, test_y)
@@ -531,20 +559,52 @@ def linear_probe_cached(
     has_val = va_idx.numel() > 0
 
     def fit(lr: float, wd: float) -> dict[str, Any]:
-        return train_linear_on_features(train_f[tr_idx], train_y[tr_idx], train_f[va_idx], train_y[va_idx],
-                                        num_classes, cfg, lr=lr, weight_decay=wd, device=device)
+        return train_linear_on_features(
+            train_f[tr_idx],
+            train_y[tr_idx],
+            train_f[va_idx],
+            train_y[va_idx],
+            num_classes,
+            cfg,
+            lr=lr,
+            weight_decay=wd,
+            device=device,
+        )
 
     best, grid = _select(fit, cfg, has_val)
     best_head, last_head, n_train = best["best_head"], best["last_head"], tr_idx.numel()
     if cfg.refit_on_full_train:
         full_f = train_f.to(device).float()
         full_y = train_y.to(device)
-        refit = _fit_head(_cached_source(full_f, full_y), full_f.shape[0], full_f.shape[1], full_f[:0], full_y[:0],
-                          num_classes, cfg, best["lr"], best["weight_decay"], device, keep_epoch=best["best_epoch"])
+        refit = _fit_head(
+            _cached_source(full_f, full_y),
+            full_f.shape[0],
+            full_f.shape[1],
+            full_f[:0],
+            full_y[:0],
+            num_classes,
+            cfg,
+            best["lr"],
+            best["weight_decay"],
+            device,
+            keep_epoch=best["best_epoch"],
+        )
         best_head, last_head, n_train = refit["best_head"], refit["last_head"], full_f.shape[0]
 
-    return _probe_result(best, grid, best_head, last_head, test_f, test_y, cfg, t0=t0, mode="cached",
-                         n_train=n_train, n_val=va_idx.numel(), has_val=has_val)
+    return _probe_result(
+        best,
+        grid,
+        best_head,
+        last_head,
+        test_f,
+        test_y,
+        cfg,
+        t0=t0,
+        mode="cached",
+        n_train=n_train,
+        n_val=va_idx.numel(),
+        has_val=has_val,
+    )
 
 
 def _dataset_labels(dataset: Dataset, labels: Sequence[int] | Tensor | None) -> Tensor:
@@ -556,9 +616,14 @@ def _dataset_labels(dataset: Dataset, labels: Sequence[int] | Tensor | None) -> 
     return torch.as_tensor(targets, dtype=torch.long).reshape(-1)
 
 
-def dataset_selection_split(train_dataset: Dataset, train_labels: Sequence[int] | Tensor | None,
-                            val_dataset: Dataset | None, num_classes: int, val_fraction: float,
-                            seed: int) -> tuple[Tensor, Tensor, Tensor]:
+def dataset_selection_split(
+    train_dataset: Dataset,
+    train_labels: Sequence[int] | Tensor | None,
+    val_dataset: Dataset | None,
+    num_classes: int,
+    val_fraction: float,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(labels, train_idx, val_idx)``: the checked train labels and the stratified held-out split used to select
     on (never the test split). ``val_dataset`` holds the same images as ``train_dataset`` with the eval transform and
     is required whenever the split holds images out."""
@@ -621,21 +686,27 @@ def linear_probe_augmented(
     if cfg.refit_on_full_train:
         raise ValueError("refit_on_full_train is only supported by linear_probe_cached")
     device = torch.device(device)
-    labels, tr_idx, va_idx = dataset_selection_split(train_dataset, train_labels, val_dataset, num_classes,
-                                                     cfg.val_fraction, cfg.seed)
+    _labels, tr_idx, va_idx = dataset_selection_split(
+        train_dataset, train_labels, val_dataset, num_classes, cfg.val_fraction, cfg.seed
+    )
     has_val = va_idx.numel() > 0
 
     def loader(ds: Dataset, **kw: Any) -> DataLoader:
         return DataLoader(ds, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, **kw)
 
     with eval_mode(backbone):
-        test_f, test_y = extract_features(backbone, loader(test_dataset, batch_size=eval_batch_size), device, amp_dtype=amp_dtype)
+        test_f, test_y = extract_features(
+            backbone, loader(test_dataset, batch_size=eval_batch_size), device, amp_dtype=amp_dtype
+        )
         test_y = check_labels(test_y, num_classes, "test labels")
         in_features = test_f.shape[1]
         if has_val:
             assert val_dataset is not None
             val_f, val_y = extract_features(
-                backbone, loader(Subset(val_dataset, va_idx.tolist()), batch_size=eval_batch_size), device, amp_dtype=amp_dtype
+                backbone,
+                loader(Subset(val_dataset, va_idx.tolist()), batch_size=eval_batch_size),
+                device,
+                amp_dtype=amp_dtype,
             )
         else:
             val_f, val_y = torch.zeros(0, in_features), torch.zeros(0, dtype=torch.long)
@@ -654,5 +725,17 @@ def linear_probe_augmented(
 
         best, grid = _select(fit, cfg, has_val)
 
-    return _probe_result(best, grid, best["best_head"], best["last_head"], test_f, test_y, cfg, t0=t0,
-                         mode="augmented", n_train=tr_idx.numel(), n_val=va_idx.numel(), has_val=has_val)
+    return _probe_result(
+        best,
+        grid,
+        best["best_head"],
+        best["last_head"],
+        test_f,
+        test_y,
+        cfg,
+        t0=t0,
+        mode="augmented",
+        n_train=tr_idx.numel(),
+        n_val=va_idx.numel(),
+        has_val=has_val,
+    )

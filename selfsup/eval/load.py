@@ -32,9 +32,11 @@ EXPORT_FILES = ("backbone.pt", "backbone.safetensors", "backbone.json")
 def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report which file, then the cause
-        raise ValueError(f"cannot read '{path}' as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                         "expected a selfsup .ckpt, an export directory, backbone.pt or backbone.safetensors") from e
+    except Exception as e:
+        raise ValueError(
+            f"cannot read '{path}' as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "expected a selfsup .ckpt, an export directory, backbone.pt or backbone.safetensors"
+        ) from e
 
 
 def read_backbone_state(path: str | os.PathLike, which: str = "online") -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,8 +62,8 @@ def read_backbone_state(path: str | os.PathLike, which: str = "online") -> tuple
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001 - name the file, then the cause
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        except Exception as e:
             raise ValueError(f"cannot read '{path}' as safetensors: {e}") from e
         if "backbone_config" not in meta:
             raise ValueError(f"'{path}' has no selfsup backbone_config in its metadata; was it exported by selfsup?")
@@ -77,7 +79,7 @@ def read_backbone_state(path: str | os.PathLike, which: str = "online") -> tuple
         if which not in prefixes:
             raise ValueError(f"'{path}' has no '{which}' backbone; it holds: {', '.join(prefixes)}")
         prefix = prefixes[which]
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         if not state:
             raise ValueError(f"'{path}' has no '{prefix}*' weights (no {which} backbone in this checkpoint)")
         return state, dict(meta["backbone"])
@@ -103,8 +105,9 @@ def load_backbone(path: str | os.PathLike, which: str = "online") -> tuple[nn.Mo
     return model, spec
 
 
-def export_backbone(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
-                    which: str = "online") -> dict[str, str]:
+def export_backbone(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False, which: str = "online"
+) -> dict[str, str]:
     """Write ``backbone.pt``, ``backbone.safetensors`` and ``backbone.json`` into ``out_dir``.
 
     Existing files are never replaced unless ``overwrite``; each file is written atomically.
@@ -145,15 +148,21 @@ def _load_instructions(spec: dict, model: nn.Module) -> str:
         from selfsup.models.vit import timm_vit_name
 
         args = "".join(f", {k}={v!r}" for k, v in sorted(kw.items()))
-        return (f"model = timm.create_model({timm_vit_name(name)!r}, num_classes=0{args}); "
-                "model.load_state_dict(torch.load('backbone.pt'))")
+        return (
+            f"model = timm.create_model({timm_vit_name(name)!r}, num_classes=0{args}); "
+            "model.load_state_dict(torch.load('backbone.pt'))"
+        )
     if name.startswith("resnet") and kw.get("width", 64) == 64 and name != "resnet10":
         stem = ""
         if kw.get("cifar_stem"):
-            stem = (f"model.conv1 = torch.nn.Conv2d(3, {model.conv1.out_channels}, 3, 1, 1, bias=False); "
-                    "model.maxpool = torch.nn.Identity(); ")
-        return (f"model = torchvision.models.{name}(); {stem}"
-                "missing, unexpected = model.load_state_dict(torch.load('backbone.pt'), strict=False)  # missing == fc.*")
+            stem = (
+                f"model.conv1 = torch.nn.Conv2d(3, {model.conv1.out_channels}, 3, 1, 1, bias=False); "
+                "model.maxpool = torch.nn.Identity(); "
+            )
+        return (
+            f"model = torchvision.models.{name}(); {stem}"
+            "missing, unexpected = model.load_state_dict(torch.load('backbone.pt'), strict=False)  # missing == fc.*"
+        )
     return "selfsup.eval.load.load_backbone('<this directory>')"
 
 

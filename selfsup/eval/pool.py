@@ -22,7 +22,7 @@ from typing import Literal, Optional
 
 from torch import nn
 
-__all__ = ["Pool", "POOLS", "is_vit", "current_pool", "set_global_pool"]
+__all__ = ["POOLS", "Pool", "current_pool", "is_vit", "set_global_pool"]
 
 Pool = Literal["token", "avg"]
 POOLS: tuple[str, ...] = ("token", "avg")
@@ -51,8 +51,10 @@ def set_global_pool(backbone: nn.Module, pool: Optional[str]) -> nn.Module:
         raise ValueError(f"pool must be one of {', '.join(POOLS)} (or None for the backbone's own), got {pool!r}")
     if not is_vit(backbone):
         if pool == "token":
-            raise ValueError(f"pool 'token' needs a ViT with a class token; {type(backbone).__name__} pools by "
-                             "global average only (use pool avg or leave it unset)")
+            raise ValueError(
+                f"pool 'token' needs a ViT with a class token; {type(backbone).__name__} pools by "
+                "global average only (use pool avg or leave it unset)"
+            )
         return backbone
     if pool == "token" and getattr(backbone, "cls_token", None) is None:
         raise ValueError("pool 'token': this ViT has no class token (built with class_token=False); use pool avg")

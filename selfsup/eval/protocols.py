@@ -38,8 +38,19 @@ from typing import Any, Literal, Optional
 from selfsup.eval.finetune import FinetuneConfig
 from selfsup.eval.linear import ProbeConfig
 
-__all__ = ["Protocol", "PROTOCOLS", "CROP_FLIP", "get_protocol", "resolve", "protocol_names", "FinetuneProtocol",
-           "FINETUNE_PROTOCOLS", "finetune_protocol_names", "get_finetune_protocol", "resolve_finetune"]
+__all__ = [
+    "CROP_FLIP",
+    "FINETUNE_PROTOCOLS",
+    "PROTOCOLS",
+    "FinetuneProtocol",
+    "Protocol",
+    "finetune_protocol_names",
+    "get_finetune_protocol",
+    "get_protocol",
+    "protocol_names",
+    "resolve",
+    "resolve_finetune",
+]
 
 #: ``Augment`` fields that turn a pretraining pipeline into RandomResizedCrop + horizontal flip only
 #: (no colour jitter, grayscale, blur or solarisation); crop size and normalisation stay the preset's.
@@ -112,110 +123,161 @@ PROTOCOLS: dict[str, Protocol] = {
     for p in (
         Protocol(
             name="fast",
-            probe=ProbeConfig(epochs=100, lrs=(0.1, 0.3, 1.0), weight_decays=(0.0, 1e-5), batch_size=256,
-                              optimizer="sgd", momentum=0.9, feature_norm="bn", val_fraction=0.1),
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.1, 0.3, 1.0),
+                weight_decays=(0.0, 1e-5),
+                batch_size=256,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="bn",
+                val_fraction=0.1,
+            ),
             augmented=False,
             train_augment=None,
             eval_transform="the preset's eval transform (CIFAR: ToTensor + Normalize; STL-10: Resize 70 bicubic + "
-                           "CenterCrop 64; ImageNet: Resize 256 + CenterCrop 224), for training and test features",
+            "CenterCrop 64; ImageNet: Resize 256 + CenterCrop 224), for training and test features",
             source="not a seed protocol: selfsup's cached-feature default. Head BN(affine=False) + Linear (the OFF-MEC "
-                   "head), SGD momentum 0.9, per-step cosine, 100 epochs, batch 256, grid lr {0.1, 0.3, 1} x "
-                   "wd {0, 1e-5} selected on a held-out 10% of train",
+            "head), SGD momentum 0.9, per-step cosine, 100 epochs, batch 256, grid lr {0.1, 0.3, 1} x "
+            "wd {0, 1e-5} selected on a held-out 10% of train",
             differs="no augmentation: one backbone pass over each image, so minutes instead of hours",
             reproduces="no seed number; quick comparisons of checkpoints and methods",
         ),
         Protocol(
             name="off-mmcr-cifar",
-            probe=ProbeConfig(epochs=50, lrs=(0.1,), weight_decays=(1e-6,), batch_size=1024, optimizer="adam",
-                              feature_norm="none", val_fraction=0.1),
+            probe=ProbeConfig(
+                epochs=50,
+                lrs=(0.1,),
+                weight_decays=(1e-6,),
+                batch_size=1024,
+                optimizer="adam",
+                feature_norm="none",
+                val_fraction=0.1,
+            ),
             augmented=True,
             train_augment="ssl",
             eval_transform="the preset's eval transform: CIFAR ToTensor + Normalize at 32x32; STL-10 Resize 70 "
-                           "bicubic + CenterCrop 64",
+            "bicubic + CenterCrop 64",
             source="OFF-MMCR train_classifier via model_select_cifar_stl.py (CIFAR-10/100, STL-10): backbone + "
-                   "Linear(2048, C), one view of the SSL augmentation, Adam on fc with wd 1e-6, lr 0.1, batch 1024, "
-                   "50 epochs, CosineAnnealingLR(T_max=epochs) stepped per epoch; test transform plain",
+            "Linear(2048, C), one view of the SSL augmentation, Adam on fc with wd 1e-6, lr 0.1, batch 1024, "
+            "50 epochs, CosineAnnealingLR(T_max=epochs) stepped per epoch; test transform plain",
             differs="cosine per step, not per epoch; fc init N(0, 0.01), no decay on the bias; the seed ran the "
-                    "backbone in train mode (BN drift) and reported the max test top-1 over epochs and over "
-                    "checkpoints; the shipped script cannot run at all (TypeError, spec §8.2)",
+            "backbone in train mode (BN drift) and reported the max test top-1 over epochs and over "
+            "checkpoints; the shipped script cannot run at all (TypeError, spec §8.2)",
             reproduces="MMCR paper linear top-1 for CIFAR-10 / CIFAR-100 / STL-10 (ResNet-50, 500 epochs); "
-                       "the numbers are in the paper, not in the repository",
+            "the numbers are in the paper, not in the repository",
         ),
         Protocol(
             name="off-mmcr-imagenet",
-            probe=ProbeConfig(epochs=100, lrs=(0.3,), weight_decays=(1e-6,), batch_size=2048, optimizer="sgd",
-                              momentum=0.9, feature_norm="none", scale_lr="none", val_fraction=0.01),
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.3,),
+                weight_decays=(1e-6,),
+                batch_size=2048,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="none",
+                val_fraction=0.01,
+            ),
             augmented=True,
             train_augment="crop_flip",
             crop_interpolation="bicubic",
             eval_transform="Resize 256 + CenterCrop 224 (the imagenet preset's eval transform)",
             source="OFF-MMCR linear_classifier_imagenet.py: ResNet-50 + Linear(2048, C), no BN head; train "
-                   "RandomResizedCrop(224, bicubic, scale (0.08, 1)) + flip only; SGD lr 0.3 (not batch-scaled), "
-                   "momentum 0.9, wd 1e-6, cosine T_max = 100 epochs, batch 2048",
+            "RandomResizedCrop(224, bicubic, scale (0.08, 1)) + flip only; SGD lr 0.3 (not batch-scaled), "
+            "momentum 0.9, wd 1e-6, cosine T_max = 100 epochs, batch 2048",
             differs="the probe does not reuse the pretraining augmentation (no jitter, grayscale, blur, "
-                    "solarize); cosine per step; 1% of train held out for selection (the seed tracked the best "
-                    "ImageNet-val top-1, i.e. selected on the reported split, ran BN in train mode, and crashes "
-                    "without --use_zip, spec §8.3)",
+            "solarize); cosine per step; 1% of train held out for selection (the seed tracked the best "
+            "ImageNet-val top-1, i.e. selected on the reported split, ran BN in train mode, and crashes "
+            "without --use_zip, spec §8.3)",
             reproduces="MMCR paper linear top-1 for ImageNet-1k and ImageNet-100 (ResNet-50, 100 epochs); "
-                       "not in the repository",
+            "not in the repository",
         ),
         Protocol(
             name="min-mmcr",
-            probe=ProbeConfig(epochs=50, lrs=(1e-2,), weight_decays=(1e-6,), batch_size=512, optimizer="adam",
-                              feature_norm="none", warmup_epochs=5, val_fraction=0.1),
+            probe=ProbeConfig(
+                epochs=50,
+                lrs=(1e-2,),
+                weight_decays=(1e-6,),
+                batch_size=512,
+                optimizer="adam",
+                feature_norm="none",
+                warmup_epochs=5,
+                val_fraction=0.1,
+            ),
             augmented=True,
             train_augment="ssl",
             eval_transform="the preset's eval transform: CIFAR ToTensor + Normalize",
             source="MIN-MMCR evaluate.py: backbone + Linear(512, 10), the same SSL AUGMENTATION, Adam lr 1e-2 "
-                   "(CLI), wd 1e-6, 50 epochs, warm-up 0.1 x 50 = 5 epochs then cosine, batch 512 (the README "
-                   "says 1024), 16-mixed",
+            "(CLI), wd 1e-6, 50 epochs, warm-up 0.1 x 50 = 5 epochs then cosine, batch 512 (the README "
+            "says 1024), 16-mixed",
             differs="warm-up per step with a non-zero first lr (the seed's LambdaLR gives lr 0 for all of epoch "
-                    "0); fp32 head; no decay on the bias; selection on held-out train (the seed kept the "
-                    "checkpoint with the best CIFAR-10 *test* top-1, BN drifting in train mode)",
+            "0); fp32 head; no decay on the bias; selection on held-out train (the seed kept the "
+            "checkpoint with the best CIFAR-10 *test* top-1, BN drifting in train mode)",
             reproduces="MIN-MMCR README: ResNet-18, CIFAR-10, 500 epochs, linear 89.19 top-1 / 99.61 top-5 "
-                       "(pretrain with recipes/min-mmcr-cifar10.yaml)",
+            "(pretrain with recipes/min-mmcr-cifar10.yaml)",
         ),
         Protocol(
             name="mec-imagenet",
-            probe=ProbeConfig(epochs=100, lrs=(0.03,), weight_decays=(0.0,), batch_size=4096, optimizer="lars",
-                              momentum=0.9, feature_norm="bn", scale_lr="linear", val_fraction=0.01),
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.03,),
+                weight_decays=(0.0,),
+                batch_size=4096,
+                optimizer="lars",
+                momentum=0.9,
+                feature_norm="bn",
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
             augmented=True,
             train_augment="crop_flip",
             crop_interpolation="bilinear",
             eval_transform="Resize 256 + CenterCrop 224 (the mec / imagenet presets' eval transform)",
             source="OFF-MEC main_lincls.py + linear.sh: ResNet-50 frozen in eval mode, head BatchNorm1d(2048, "
-                   "affine=False, eps 1e-6) + Linear(2048, C) (fc N(0, 0.01), zero bias); train RandomResizedCrop(224, "
-                   "bilinear, scale (0.08, 1)) + flip; SGD lr 0.03 x B/256 = 0.48, momentum 0.9, wd 0, wrapped in "
-                   "LARC (trust 0.001, no clipping: --lars); cosine, no warm-up, 100 epochs, batch 4096",
+            "affine=False, eps 1e-6) + Linear(2048, C) (fc N(0, 0.01), zero bias); train RandomResizedCrop(224, "
+            "bilinear, scale (0.08, 1)) + flip; SGD lr 0.03 x B/256 = 0.48, momentum 0.9, wd 0, wrapped in "
+            "LARC (trust 0.001, no clipping: --lars); cosine, no warm-up, 100 epochs, batch 4096",
             differs="LARS (trust ratio on the weight, bias excluded) instead of apex LARC; cosine per step, not per "
-                    "epoch; 1% of train held out for selection (the seed took the max top-1 over epochs on ImageNet "
-                    "val, i.e. selected on the reported split); no apex, no DDP requirement",
+            "epoch; 1% of train held out for selection (the seed took the max top-1 over epochs on ImageNet "
+            "val, i.e. selected on the reported split); no apex, no DDP requirement",
             reproduces="OFF-MEC README: ResNet-50, 100 epochs of MEC on ImageNet-1k, linear 70.8 top-1 "
-                       "(pretrain with recipes/mec-imagenet.yaml)",
+            "(pretrain with recipes/mec-imagenet.yaml)",
         ),
         Protocol(
             name="mae-linprobe",
-            probe=ProbeConfig(epochs=90, lrs=(0.1,), weight_decays=(0.0,), batch_size=16384, optimizer="lars",
-                              momentum=0.9, feature_norm="bn", warmup_epochs=10, scale_lr="linear", val_fraction=0.01),
+            probe=ProbeConfig(
+                epochs=90,
+                lrs=(0.1,),
+                weight_decays=(0.0,),
+                batch_size=16384,
+                optimizer="lars",
+                momentum=0.9,
+                feature_norm="bn",
+                warmup_epochs=10,
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
             augmented=True,
             train_augment="crop_flip",
             crop_interpolation="bicubic",
             eval_transform="Resize 256 + CenterCrop 224 (the imagenet / mae presets' eval transform; the mae preset "
-                           "resizes bicubic as MAE); CIFAR ToTensor + Normalize",
+            "resizes bicubic as MAE); CIFAR ToTensor + Normalize",
             source="MAE main_linprobe.py + FINETUNE.md (spec-can-mae-imle 2.5): frozen encoder on all patches, feature "
-                   "= class token after the final LayerNorm (--cls_token; --global_pool averages the patch tokens), "
-                   "head BatchNorm1d(D, affine=False, eps 1e-6) + Linear(D, C) (trunc-normal std 0.01); LARS momentum "
-                   "0.9, trust 0.001, wd 0, 1-D parameters excluded; blr 0.1, lr = blr x B/256 = 6.4 at batch 16384; "
-                   "90 epochs (ViT-B; 50 suffice for L / H), 10 warm-up epochs, cosine to 0; plain CE; train "
-                   "RandomResizedCrop(224, bicubic, scale (0.08, 1)) + flip; val Resize 256 bicubic + CenterCrop 224",
+            "= class token after the final LayerNorm (--cls_token; --global_pool averages the patch tokens), "
+            "head BatchNorm1d(D, affine=False, eps 1e-6) + Linear(D, C) (trunc-normal std 0.01); LARS momentum "
+            "0.9, trust 0.001, wd 0, 1-D parameters excluded; blr 0.1, lr = blr x B/256 = 6.4 at batch 16384; "
+            "90 epochs (ViT-B; 50 suffice for L / H), 10 warm-up epochs, cosine to 0; plain CE; train "
+            "RandomResizedCrop(224, bicubic, scale (0.08, 1)) + flip; val Resize 256 bicubic + CenterCrop 224",
             differs="pooling is the backbone's own (class token for a ViT pretrained with global_pool token, mean "
-                    "patch token for avg, global average for a ResNet); `selfsup linear --pool token|avg` switches a "
-                    "ViT's; fc init N(0, 0.01), not truncated; torchvision RandomResizedCrop (10 tries, centre "
-                    "fallback) instead of MAE's single TF-style try; per-step warm-up with a non-zero first lr; 1% "
-                    "of train held out for selection (MAE reported the best ImageNet-val top-1 over epochs, i.e. "
-                    "selected on the reported split); fp32 head",
+            "patch token for avg, global average for a ResNet); `selfsup linear --pool token|avg` switches a "
+            "ViT's; fc init N(0, 0.01), not truncated; torchvision RandomResizedCrop (10 tries, centre "
+            "fallback) instead of MAE's single TF-style try; per-step warm-up with a non-zero first lr; 1% "
+            "of train held out for selection (MAE reported the best ImageNet-val top-1 over epochs, i.e. "
+            "selected on the reported split); fp32 head",
             reproduces="MAE FINETUNE.md linear probe on ImageNet-1k, ViT-B / L / H: 67.8 / 76.0 / 77.2 (paper 68.0 / "
-                       "75.8 / 76.6); CAN paper ViT-B 74.8 (the CANc README's run: batch 512 x 4 GPUs, lr 0.8)",
+            "75.8 / 76.6); CAN paper ViT-B 74.8 (the CANc README's run: batch 512 x 4 GPUs, lr 0.8)",
         ),
     )
 }
@@ -268,71 +330,122 @@ class FinetuneProtocol:
     reproduces: str
 
 
-_MAE_FT_SOURCE = ("MAE main_finetune.py + FINETUNE.md (spec-can-mae-imle 2.6): all patches, drop path, global average "
-                  "of the patch tokens + fc_norm, head trunc-normal std 2e-5; AdamW (0.9, 0.999), wd 0.05 except 1-D "
-                  "and pos_embed / cls_token; layer-wise lr decay ld^(depth + 1 - id); lr = blr x B/256 at effective "
-                  "batch 1024, {warm} warm-up epochs, cosine to min_lr 1e-6; timm create_transform: "
-                  "RandomResizedCrop bicubic (0.08, 1), flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 "
-                  "pixel; Mixup 0.8 / CutMix 1.0, prob 1, switch 0.5, batch mode, label smoothing 0.1 folded into "
-                  "SoftTargetCrossEntropy; eval Resize 256 bicubic + CenterCrop 224; AMP")
-_MAE_FT_DIFFERS = ("selection of the reported epoch on 1% of train held out (MAE reported the max ImageNet-val top-1 "
-                   "over epochs, i.e. selected on the reported split); both best-on-val and last are reported; "
-                   "per-step warm-up with a non-zero first lr; a ViT pretrained with global_pool token that is "
-                   "switched to avg averages the tokens after its pretrained final LayerNorm (MAE drops it and trains "
-                   "a fresh fc_norm; pretrain with global_pool avg for that layout); a ResNet gets stage-wise lr "
-                   "decay and no drop path")
+_MAE_FT_SOURCE = (
+    "MAE main_finetune.py + FINETUNE.md (spec-can-mae-imle 2.6): all patches, drop path, global average "
+    "of the patch tokens + fc_norm, head trunc-normal std 2e-5; AdamW (0.9, 0.999), wd 0.05 except 1-D "
+    "and pos_embed / cls_token; layer-wise lr decay ld^(depth + 1 - id); lr = blr x B/256 at effective "
+    "batch 1024, {warm} warm-up epochs, cosine to min_lr 1e-6; timm create_transform: "
+    "RandomResizedCrop bicubic (0.08, 1), flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 "
+    "pixel; Mixup 0.8 / CutMix 1.0, prob 1, switch 0.5, batch mode, label smoothing 0.1 folded into "
+    "SoftTargetCrossEntropy; eval Resize 256 bicubic + CenterCrop 224; AMP"
+)
+_MAE_FT_DIFFERS = (
+    "selection of the reported epoch on 1% of train held out (MAE reported the max ImageNet-val top-1 "
+    "over epochs, i.e. selected on the reported split); both best-on-val and last are reported; "
+    "per-step warm-up with a non-zero first lr; a ViT pretrained with global_pool token that is "
+    "switched to avg averages the tokens after its pretrained final LayerNorm (MAE drops it and trains "
+    "a fresh fc_norm; pretrain with global_pool avg for that layout); a ResNet gets stage-wise lr "
+    "decay and no drop path"
+)
 
 FINETUNE_PROTOCOLS: dict[str, FinetuneProtocol] = {
     p.name: p
     for p in (
         FinetuneProtocol(
             name="fast",
-            config=FinetuneConfig(epochs=10, batch_size=128, lr=1e-3, scale_lr="none", optimizer="adamw",
-                                  weight_decay=0.05, layer_decay=0.75, warmup_epochs=1, min_lr=0.0, drop_path=0.1,
-                                  pool=None, head_init_std=2e-5, label_smoothing=0.1, mixup=0.0, cutmix=0.0,
-                                  augment="crop_flip", val_fraction=0.1),
+            config=FinetuneConfig(
+                epochs=10,
+                batch_size=128,
+                lr=1e-3,
+                scale_lr="none",
+                optimizer="adamw",
+                weight_decay=0.05,
+                layer_decay=0.75,
+                warmup_epochs=1,
+                min_lr=0.0,
+                drop_path=0.1,
+                pool=None,
+                head_init_std=2e-5,
+                label_smoothing=0.1,
+                mixup=0.0,
+                cutmix=0.0,
+                augment="crop_flip",
+                val_fraction=0.1,
+            ),
             source="not a seed protocol: a CPU-sized fine-tune for quick comparisons. AdamW lr 1e-3 (not "
-                   "batch-scaled), wd 0.05, layer decay 0.75, drop path 0.1 (ViT), label smoothing 0.1, "
-                   "RandomResizedCrop + flip, 10 epochs, batch 128, 1 warm-up epoch, cosine to 0",
+            "batch-scaled), wd 0.05, layer decay 0.75, drop path 0.1 (ViT), label smoothing 0.1, "
+            "RandomResizedCrop + flip, 10 epochs, batch 128, 1 warm-up epoch, cosine to 0",
             differs="no mixup / cutmix / RandAugment (they need far more epochs than a quick run has); the "
-                    "backbone's own pooling",
+            "backbone's own pooling",
             reproduces="no seed number; quick comparisons of checkpoints and methods",
         ),
         FinetuneProtocol(
             name="mae-finetune",
-            config=FinetuneConfig(epochs=100, batch_size=1024, lr=5e-4, layer_decay=0.65, drop_path=0.1,
-                                  warmup_epochs=5, pool="avg", val_fraction=0.01),
-            source=_MAE_FT_SOURCE.format(warm=5) + "; ViT-B recipe: 100 epochs, blr 5e-4, layer decay 0.65, drop path 0.1",
+            config=FinetuneConfig(
+                epochs=100,
+                batch_size=1024,
+                lr=5e-4,
+                layer_decay=0.65,
+                drop_path=0.1,
+                warmup_epochs=5,
+                pool="avg",
+                val_fraction=0.01,
+            ),
+            source=_MAE_FT_SOURCE.format(warm=5)
+            + "; ViT-B recipe: 100 epochs, blr 5e-4, layer decay 0.65, drop path 0.1",
             differs=_MAE_FT_DIFFERS,
             reproduces="MAE README / FINETUNE.md: ViT-B/16 fine-tuned on ImageNet-1k 83.6 top-1 (reproduced "
-                       "83.57 +- 0.08)",
+            "83.57 +- 0.08)",
         ),
         FinetuneProtocol(
             name="mae-finetune-large",
-            config=FinetuneConfig(epochs=50, batch_size=1024, lr=1e-3, layer_decay=0.75, drop_path=0.2,
-                                  warmup_epochs=5, pool="avg", val_fraction=0.01),
+            config=FinetuneConfig(
+                epochs=50,
+                batch_size=1024,
+                lr=1e-3,
+                layer_decay=0.75,
+                drop_path=0.2,
+                warmup_epochs=5,
+                pool="avg",
+                val_fraction=0.01,
+            ),
             source=_MAE_FT_SOURCE.format(warm=5) + "; ViT-L recipe: 50 epochs, blr 1e-3, layer decay 0.75, drop path "
-                                                   "0.2 (ViT-H: drop path 0.3)",
+            "0.2 (ViT-H: drop path 0.3)",
             differs=_MAE_FT_DIFFERS,
             reproduces="MAE README / FINETUNE.md: ViT-L/16 fine-tuned on ImageNet-1k 85.9 top-1 (reproduced "
-                       "85.87 +- 0.07); CAN paper ViT-L 86.1",
+            "85.87 +- 0.07); CAN paper ViT-L 86.1",
         ),
         FinetuneProtocol(
             name="min-mmcr-finetune",
-            config=FinetuneConfig(epochs=50, batch_size=512, lr=1e-2, scale_lr="none", optimizer="adam",
-                                  weight_decay=1e-6, layer_decay=1.0, warmup_epochs=5, min_lr=0.0, drop_path=0.0,
-                                  pool=None, head_init_std=None, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
-                                  augment="ssl", val_fraction=0.1),
+            config=FinetuneConfig(
+                epochs=50,
+                batch_size=512,
+                lr=1e-2,
+                scale_lr="none",
+                optimizer="adam",
+                weight_decay=1e-6,
+                layer_decay=1.0,
+                warmup_epochs=5,
+                min_lr=0.0,
+                drop_path=0.0,
+                pool=None,
+                head_init_std=None,
+                label_smoothing=0.0,
+                mixup=0.0,
+                cutmix=0.0,
+                augment="ssl",
+                val_fraction=0.1,
+            ),
             source="MIN-MMCR finetune.py --finetune-type backbone+linear (spec-mmcr-mec 5.2; README 'Finetuning'): "
-                   "ResNet-18 + Linear(512, 10) trained end to end with the probe's optimiser: Adam lr 1e-2, wd "
-                   "1e-6, 50 epochs, warm-up 0.1 x 50 = 5 epochs then cosine, batch 512 (evaluate.py CLI; the "
-                   "README says 1024), one view of the SSL augmentation (pretrain with "
-                   "recipes/min-mmcr-cifar10.yaml), plain CE, 16-mixed",
+            "ResNet-18 + Linear(512, 10) trained end to end with the probe's optimiser: Adam lr 1e-2, wd "
+            "1e-6, 50 epochs, warm-up 0.1 x 50 = 5 epochs then cosine, batch 512 (evaluate.py CLI; the "
+            "README says 1024), one view of the SSL augmentation (pretrain with "
+            "recipes/min-mmcr-cifar10.yaml), plain CE, 16-mixed",
             differs="no weight decay on biases / BatchNorm; per-step warm-up with a non-zero first lr (the seed's "
-                    "LambdaLR gives lr 0 for all of epoch 0); selection on held-out train (the seed kept the "
-                    "checkpoint with the best CIFAR-10 test top-1); fp32 unless --amp",
+            "LambdaLR gives lr 0 for all of epoch 0); selection on held-out train (the seed kept the "
+            "checkpoint with the best CIFAR-10 test top-1); fp32 unless --amp",
             reproduces="no fine-tune number in the repository (the README's table row labelled 'Finetune (Our)', "
-                       "89.19 / 99.61, is the linear probe: --finetune-type linear)",
+            "89.19 / 99.61, is the linear probe: --finetune-type linear)",
         ),
     )
 }

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["EVAL_DIR", "find_run_dir", "is_run_dir", "write_eval_result", "read_eval_results"]
+__all__ = ["EVAL_DIR", "find_run_dir", "is_run_dir", "read_eval_results", "write_eval_result"]
 
 #: Sub-directory of a run that holds evaluation results.
 EVAL_DIR = "eval"

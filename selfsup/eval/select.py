@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -45,7 +46,7 @@ from selfsup.eval.protocols import get_protocol
 from selfsup.eval.results import is_run_dir
 from selfsup.losses.spectrum import rankme
 
-__all__ = ["SelectOptions", "list_checkpoints", "select_checkpoint", "METRICS"]
+__all__ = ["METRICS", "SelectOptions", "list_checkpoints", "select_checkpoint"]
 
 By = Literal["knn", "linear", "rankme"]
 
@@ -119,15 +120,16 @@ def list_checkpoints(run_dir: str | Path) -> list[dict[str, Any]]:
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
             step, epoch = int(ckpt["global_step"]), int(ckpt.get("epoch", -1))
-        except Exception as e:  # noqa: BLE001 - name the file and the cause
+        except Exception as e:
             raise ValueError(f"cannot read checkpoint '{p}': {type(e).__name__}: {str(e)[:200]}") from e
         out.append({"path": p, "name": p.name, "step": step, "epoch": epoch})
     out.sort(key=lambda c: (c["step"], c["name"] == "last.ckpt", c["name"]))
     return out
 
 
-def _features(backbone: torch.nn.Module, ds: Dataset, batch_size: int, device: torch.device,
-              num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(
+    backbone: torch.nn.Module, ds: Dataset, batch_size: int, device: torch.device, num_workers: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return extract_features(backbone, loader, device=device)
 
@@ -142,8 +144,9 @@ class _Scorer:
         self.workers = 0 if data.in_memory else data.num_workers
         self.train = build_eval_dataset(data, data.bank_split)
         self.num_classes = num_classes(self.train)
-        self.rankme_set = build_eval_dataset(data, data.bank_split, limit=opts.rankme_images) if opts.by == "rankme" \
-            else None
+        self.rankme_set = (
+            build_eval_dataset(data, data.bank_split, limit=opts.rankme_images) if opts.by == "rankme" else None
+        )
         self._test: Optional[Dataset] = None
         self.split: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -182,8 +185,13 @@ class _Scorer:
         return {"test_top1": acc["top1"], "test_top5": acc["top5"]}
 
 
-def select_checkpoint(run_dir: str | Path, data, opts: SelectOptions, device: str | torch.device = "cpu",
-                      log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def select_checkpoint(
+    run_dir: str | Path,
+    data,
+    opts: SelectOptions,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """Score every checkpoint of ``run_dir`` by ``opts.by`` on the train split, pick one, then report test scores.
 
     Args:
@@ -214,9 +222,16 @@ def select_checkpoint(run_dir: str | Path, data, opts: SelectOptions, device: st
     last = next((i for i, c in enumerate(ckpts) if c["name"] == "last.ckpt"), len(ckpts) - 1)
     score_name, test_name = METRICS[opts.by]
     result: dict[str, Any] = {
-        "run_dir": str(Path(run_dir)), "by": opts.by, "which": opts.which, "metric": score_name,
-        "selection_split": {"split": data.bank_split, "val_fraction": opts.val_fraction, "seed": opts.seed,
-                            **({"rankme_images": opts.rankme_images} if opts.by == "rankme" else {})},
+        "run_dir": str(Path(run_dir)),
+        "by": opts.by,
+        "which": opts.which,
+        "metric": score_name,
+        "selection_split": {
+            "split": data.bank_split,
+            "val_fraction": opts.val_fraction,
+            "seed": opts.seed,
+            **({"rankme_images": opts.rankme_images} if opts.by == "rankme" else {}),
+        },
         "scores": rows,
         "pick": dict(rows[pick]),
         "last": dict(rows[last]),
@@ -245,7 +260,10 @@ def select_checkpoint(run_dir: str | Path, data, opts: SelectOptions, device: st
             best = max(every, key=lambda r: (r["test_top1"], r["step"]))
             result["diagnostic_best_on_test"] = {
                 "note": "DIAGNOSTIC ONLY: chosen on the test split, so its test score is optimistic; never the pick",
-                "checkpoint": best["checkpoint"], "step": best["step"], "test_top1": best["test_top1"],
-                "all": every}
+                "checkpoint": best["checkpoint"],
+                "step": best["step"],
+                "test_top1": best["test_top1"],
+                "all": every,
+            }
     result["seconds"] = round(time.time() - t0, 2)
     return result

@@ -118,8 +118,10 @@ def imle_update(best_idx: Tensor, best_score: Tensor, round_scores: Tensor, roun
     _check_scores(round_scores, "round_scores")
     n = round_scores.shape[0]
     if best_idx.shape != (n,) or best_score.shape != (n,):
-        raise ValueError(f"best_idx and best_score must be [N] = [{n}] for round_scores {tuple(round_scores.shape)}; "
-                         f"got {tuple(best_idx.shape)} and {tuple(best_score.shape)}")
+        raise ValueError(
+            f"best_idx and best_score must be [N] = [{n}] for round_scores {tuple(round_scores.shape)}; "
+            f"got {tuple(best_idx.shape)} and {tuple(best_score.shape)}"
+        )
     if int(round_offset) < 0:
         raise ValueError(f"round_offset must be >= 0, got {round_offset}")
     if bool(torch.isnan(best_score).any()):
@@ -197,8 +199,10 @@ class IMLEIncumbent:
         """
         if round_codes is not None:
             if round_codes.dim() < 2 or tuple(round_codes.shape[:2]) != tuple(round_scores.shape):
-                raise ValueError(f"round_codes must be [N, sp, ...] matching round_scores {tuple(round_scores.shape)}, "
-                                 f"got {tuple(round_codes.shape)}")
+                raise ValueError(
+                    f"round_codes must be [N, sp, ...] matching round_scores {tuple(round_scores.shape)}, "
+                    f"got {tuple(round_codes.shape)}"
+                )
             if self.rounds and self.codes is None:
                 raise ValueError("codes must be given with every round or with none")
         elif self.codes is not None:

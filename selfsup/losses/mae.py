@@ -44,8 +44,9 @@ def _dtype(*xs: Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def masked_patch_mse(pred: Tensor, target: Tensor, weight: Tensor,
-                     reduction: Literal["mean", "none"] = "mean") -> Tensor:
+def masked_patch_mse(
+    pred: Tensor, target: Tensor, weight: Tensor, reduction: Literal["mean", "none"] = "mean"
+) -> Tensor:
     """``Σ w_{n,l} mean_d (pred − target)² / Σ w_{n,l}``: over the whole batch (``"mean"``, 0-d) or per sample
     (``"none"``, ``[N]``). ``pred, target [N, L, P]``, ``weight [N, L]`` (a 0/1 patch selection).
 
@@ -74,8 +75,15 @@ def masked_patch_mse(pred: Tensor, target: Tensor, weight: Tensor,
         return (per_patch * w).sum(dim=1) / counts
 
 
-def mae_loss(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix_loss: bool = True,
-             reduction: Literal["mean", "none"] = "mean", eps: float = NORM_PIX_EPS) -> Tensor:
+def mae_loss(
+    imgs: Tensor,
+    pred: Tensor,
+    mask: Tensor,
+    patch_size: int,
+    norm_pix_loss: bool = True,
+    reduction: Literal["mean", "none"] = "mean",
+    eps: float = NORM_PIX_EPS,
+) -> Tensor:
     """MAE's loss: per-patch MSE between ``pred`` and the (norm-pix) target patches, averaged over masked patches.
 
     Args:
@@ -95,8 +103,10 @@ def mae_loss(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix
     n, c = imgs.shape[:2]
     expected = (n, (imgs.shape[2] // int(patch_size)) ** 2, int(patch_size) ** 2 * c)
     if tuple(pred.shape) != expected:
-        raise ValueError(f"pred must be [N, L, p² C] = {list(expected)} for images {tuple(imgs.shape)} and "
-                         f"patch_size {patch_size}, got {tuple(pred.shape)}")
+        raise ValueError(
+            f"pred must be [N, L, p² C] = {list(expected)} for images {tuple(imgs.shape)} and "
+            f"patch_size {patch_size}, got {tuple(pred.shape)}"
+        )
     dtype = _dtype(imgs, pred)
     with torch.autocast(device_type=imgs.device.type, enabled=False):
         target = patchify(imgs.to(dtype), patch_size)

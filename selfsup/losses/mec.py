@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mec_loss", "mec_lamda_inv", "mec_warmup_lamda_inv"]
+__all__ = ["mec_lamda_inv", "mec_loss", "mec_warmup_lamda_inv"]
 
 _NORM_EPS = 1e-12
 Form = Literal["auto", "mm", "dd"]
@@ -82,9 +82,7 @@ def _validate_rows(x: Tensor, name: str, loss_name: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(
-            f"{name} must have shape [rows, features]; got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have shape [rows, features]; got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     if min(x.shape) == 0:
         raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)} [rows, features]")
     if not x.is_floating_point():
@@ -240,7 +238,9 @@ def _mec_loss(
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """:func:`mec_loss` with the matrix form selectable (``"mm"``/``"dd"`` for tests and benches)."""
     if order is not None and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
-        raise ValueError(f"order (the Taylor order K) must be an int >= 1, or None for the exact log det; got {order!r}")
+        raise ValueError(
+            f"order (the Taylor order K) must be an int >= 1, or None for the exact log det; got {order!r}"
+        )
     if not isinstance(eps_sq, Real) or not (math.isfinite(eps_sq) and eps_sq > 0):
         raise ValueError(f"eps_sq (ε², the squared distortion) must be finite and > 0, got {eps_sq!r}")
     if (p1 is None) != (p2 is None):

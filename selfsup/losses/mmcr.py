@@ -80,9 +80,7 @@ def _finish(
     return loss, {"global_nuc": global_nuc.detach(), "local_nuc": local_nuc.detach()}
 
 
-def mmcr_loss(
-    z: Tensor, lmbda: float = 0.0, return_parts: bool = False
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+def mmcr_loss(z: Tensor, lmbda: float = 0.0, return_parts: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     r"""MMCR loss ``λ · Σ_b ||Z_b||_* / B − ||C||_*`` of projector outputs ``z``.
 
     Args:
@@ -139,8 +137,7 @@ def mmcr_momentum_loss(
     _validate(z_ema, "z_ema")
     if z.shape != z_ema.shape:
         raise ValueError(
-            f"z and z_ema must have the same shape [B, V, D]; got {tuple(z.shape)} "
-            f"and {tuple(z_ema.shape)}"
+            f"z and z_ema must have the same shape [B, V, D]; got {tuple(z.shape)} and {tuple(z_ema.shape)}"
         )
     with torch.autocast(device_type=z.device.type, enabled=False):
         z_hat = F.normalize(_upcast(z), dim=-1, eps=_NORM_EPS)

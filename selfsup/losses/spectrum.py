@@ -36,7 +36,7 @@ from torch import Tensor
 
 from selfsup.losses.mec import _compute_dtype, _validate_rows
 
-__all__ = ["singular_values", "effective_rank", "rankme", "alignment", "uniformity"]
+__all__ = ["alignment", "effective_rank", "rankme", "singular_values", "uniformity"]
 
 _NORM_EPS = 1e-12
 

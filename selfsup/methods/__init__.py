@@ -9,4 +9,4 @@ from selfsup.methods.mec import MEC
 from selfsup.methods.mmcr import MMCR
 from selfsup.methods.simclr import SimCLR
 
-__all__ = ["BYOL", "Batch", "CAN", "EMATeacher", "IMLE", "MAE", "MEC", "MMCR", "Method", "SimCLR"]
+__all__ = ["BYOL", "CAN", "IMLE", "MAE", "MEC", "MMCR", "Batch", "EMATeacher", "Method", "SimCLR"]

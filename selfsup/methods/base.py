@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from selfsup.models import BackboneSpec, backbone_spec, build_backbone
 
-__all__ = ["Batch", "EpochExamples", "Method", "EMATeacher", "check_views", "cosine_tau"]
+__all__ = ["Batch", "EMATeacher", "EpochExamples", "Method", "check_views", "cosine_tau"]
 
 
 @dataclass
@@ -216,8 +217,10 @@ class Method(nn.Module):
             if "backbone" not in teacher.names:
                 raise ValueError(f"teacher '{which}' holds no backbone copy ({teacher.names})")
             return teacher.backbone
-        raise ValueError(f"unknown backbone '{which}'; this {type(self).__name__} has: online"
-                         + "".join(f", {n}" for n in self._teacher_names))
+        raise ValueError(
+            f"unknown backbone '{which}'; this {type(self).__name__} has: online"
+            + "".join(f", {n}" for n in self._teacher_names)
+        )
 
     # ------------------------------------------------------------------------------------ views
     def bind_view_maker(self, fn: Optional[Callable[..., Tensor]]) -> None:

@@ -95,7 +95,7 @@ class CANDraw(NamedTuple):
     sigma: Tensor
     eps: Tensor
 
-    def rows(self, index) -> "CANDraw":
+    def rows(self, index) -> CANDraw:
         return CANDraw(self.masking.rows(index), self.sigma[index], self.eps[index])
 
 
@@ -136,14 +136,17 @@ class CAN(MAE):
         gather_distributed: bool = True,
         init_from: Optional[str] = None,
     ):
-        super().__init__(backbone, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, decoder=decoder,
-                         mae_init=mae_init)
+        super().__init__(
+            backbone, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, decoder=decoder, mae_init=mae_init
+        )
         if isinstance(noise, dict):
             noise = NoiseConfig(**noise)
         self.noise = noise or NoiseConfig()
         if min(weight_mae, weight_nce) < 0 or not 0.0 <= weight_noise <= 1.0:
-            raise ValueError(f"loss weights: weight_mae, weight_nce >= 0 and weight_noise in [0, 1]; got "
-                             f"{weight_mae}, {weight_nce}, {weight_noise}")
+            raise ValueError(
+                f"loss weights: weight_mae, weight_nce >= 0 and weight_noise in [0, 1]; got "
+                f"{weight_mae}, {weight_nce}, {weight_noise}"
+            )
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight_mae, self.weight_noise, self.weight_nce = float(weight_mae), float(weight_noise), float(weight_nce)
@@ -185,8 +188,10 @@ class CAN(MAE):
             raise ValueError(f"CAN takes exactly 2 views per image, got {v}")
         x = views.flatten(0, 1)  # [2B, C, H, W] clean, row 2b + v
         if draw.eps.shape != x.shape or draw.sigma.shape != (x.shape[0],):
-            raise ValueError(f"the draw holds noise {tuple(draw.eps.shape)} / levels {tuple(draw.sigma.shape)} "
-                             f"for views {tuple(x.shape)}")
+            raise ValueError(
+                f"the draw holds noise {tuple(draw.eps.shape)} / levels {tuple(draw.sigma.shape)} "
+                f"for views {tuple(x.shape)}"
+            )
         scaled = draw.sigma.view(-1, 1, 1, 1).to(x.dtype) * draw.eps.to(x.dtype)  # σ ε  [2B, C, H, W]
         latent = self.forward_encoder(x + scaled, draw.masking.keep)  # noise on the encoder input only
         tokens = self.decoder_tokens(latent)  # [2B, 1 + K, D]
@@ -200,12 +205,19 @@ class CAN(MAE):
         loss_rec = mae_loss(x, pred, mask, self.patch_size, self.norm_pix_loss)  # clean target, masked patches
         noise_target = patchify(scaled if self.noise.target == "scaled" else draw.eps.to(x.dtype), self.patch_size)
         loss_noise = masked_patch_mse(pred, noise_target, 1.0 - mask)  # visible patches
-        loss = (self.weight_mae * ((1.0 - self.weight_noise) * loss_rec + self.weight_noise * loss_noise)
-                + self.weight_nce * loss_nce)
+        loss = (
+            self.weight_mae * ((1.0 - self.weight_noise) * loss_rec + self.weight_noise * loss_noise)
+            + self.weight_nce * loss_nce
+        )
         pooled = pool_tokens(self.backbone, latent).detach().view(b, 2, -1)
-        return {"loss": loss, "loss_rec": loss_rec.detach(), "loss_noise": loss_noise.detach(),
-                "loss_nce": loss_nce.detach(), "sigma_mean": draw.sigma.mean().detach(),
-                "embeddings": {"backbone": pooled, "projector": z.detach()}}
+        return {
+            "loss": loss,
+            "loss_rec": loss_rec.detach(),
+            "loss_noise": loss_noise.detach(),
+            "loss_nce": loss_nce.detach(),
+            "sigma_mean": draw.sigma.mean().detach(),
+            "embeddings": {"backbone": pooled, "projector": z.detach()},
+        }
 
     # ---------------------------------------------------------------------------------- duty
     def training_loss(self, batch: Batch) -> dict[str, Any]:

@@ -89,7 +89,9 @@ class IMLE(MAE):
         self.ignore_codes = bool(ignore_codes)
         sp = min(int(codes_per_round), int(num_codes))  # the seed clips sp to ns
         if num_codes < 1 or sp < 1 or num_codes % sp:
-            raise ValueError(f"num_codes ({num_codes}) must be a positive multiple of codes_per_round ({codes_per_round})")
+            raise ValueError(
+                f"num_codes ({num_codes}) must be a positive multiple of codes_per_round ({codes_per_round})"
+            )
         if code_batch < 1:
             raise ValueError(f"code_batch must be >= 1, got {code_batch}")
         if search_precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -143,8 +145,11 @@ class IMLE(MAE):
         if self.latent is None:
             return {}
         restored, self._restored = self._restored, None
-        if restored is not None and int(restored["epoch"]) == ex.epoch and torch.equal(
-                restored["indices"].cpu(), ex.indices.cpu()):
+        if (
+            restored is not None
+            and int(restored["epoch"]) == ex.epoch
+            and torch.equal(restored["indices"].cpu(), ex.indices.cpu())
+        ):
             self._codes = restored["codes"].to(x.device)
             return {}
         return self.search(x, self._masking, ex.generator)
@@ -168,8 +173,14 @@ class IMLE(MAE):
             with self.latent.codes(z):
                 latent = self.forward_encoder(imgs, masking.keep)  # [N·k, 1 + K, D]
         pred = self.forward_decoder(self.decoder_tokens(latent), repeat_examples(masking.restore, k))
-        loss = mae_loss(repeat_examples(imgs, k), pred, repeat_examples(masking.mask, k), self.patch_size,
-                        self.norm_pix_loss, reduction="none")  # [N·k]
+        loss = mae_loss(
+            repeat_examples(imgs, k),
+            pred,
+            repeat_examples(masking.mask, k),
+            self.patch_size,
+            self.norm_pix_loss,
+            reduction="none",
+        )  # [N·k]
         return loss.view(imgs.shape[0], k)
 
     @torch.no_grad()
@@ -185,7 +196,7 @@ class IMLE(MAE):
         try:
             with self._autocast(imgs.device):
                 for c in range(0, n, self.code_batch):
-                    x, m = imgs[c: c + self.code_batch], masking.rows(slice(c, c + self.code_batch))
+                    x, m = imgs[c : c + self.code_batch], masking.rows(slice(c, c + self.code_batch))
                     inc = IMLEIncumbent(x.shape[0], imgs.device)
                     for r in range(self.num_codes // sp):
                         z = self.latent.sample_codes(x.shape[0] * sp, generator)  # [n·sp, W, d]
@@ -193,15 +204,19 @@ class IMLE(MAE):
                         inc.update(scores, z.view(x.shape[0], sp, *z.shape[1:]))
                         if r == 0:
                             first.append(inc.score.clone())
-                    codes[c: c + x.shape[0]] = inc.codes
+                    codes[c : c + x.shape[0]] = inc.codes
                     end.append(inc.score)
                     plain.append(self.score_codes(x, m, None).float()[:, 0])
         finally:
             self.train(was_training)
         seconds = time.perf_counter() - t0
         self._codes = codes
-        return {"first_loss": torch.cat(first).mean().item(), "end_loss": torch.cat(end).mean().item(),
-                "no_code_loss": torch.cat(plain).mean().item(), "codes_s": n * self.num_codes / max(seconds, 1e-9)}
+        return {
+            "first_loss": torch.cat(first).mean().item(),
+            "end_loss": torch.cat(end).mean().item(),
+            "no_code_loss": torch.cat(plain).mean().item(),
+            "codes_s": n * self.num_codes / max(seconds, 1e-9),
+        }
 
     # ------------------------------------------------------------------------------ training
     def training_loss(self, batch: Batch) -> dict[str, Any]:
@@ -224,23 +239,23 @@ class IMLE(MAE):
 
     # ------------------------------------------------------------------------------ validation
     @torch.no_grad()
-    def heldout_loss(self, imgs: Tensor, generator: torch.Generator, num_codes: int = 128,
-                     chunk: int = 32) -> Tensor:
+    def heldout_loss(self, imgs: Tensor, generator: torch.Generator, num_codes: int = 128, chunk: int = 32) -> Tensor:
         """``[N]`` masked loss of ``imgs`` under a fresh random mask each, averaged over ``num_codes`` random codes
         (the expectation under the prior, the seed's ``loss_te``); ``num_codes=0`` or the MAE arm: codes ignored."""
         if self.latent is None or num_codes == 0:
             return super().heldout_loss(imgs, generator, num_codes, chunk)
         out = []
         for c in range(0, imgs.shape[0], chunk):
-            x = imgs[c: c + chunk]
+            x = imgs[c : c + chunk]
             m = self.draw_masking(x.shape[0], generator)
             z = self.latent.sample_codes(x.shape[0] * num_codes, generator)
             out.append(self.score_codes(x, m, z).float().mean(1))
         return torch.cat(out)
 
     @torch.no_grad()
-    def reconstruct_with_codes(self, imgs: Tensor, masking: Masking, num_codes: int,
-                               generator: torch.Generator) -> Tensor:
+    def reconstruct_with_codes(
+        self, imgs: Tensor, masking: Masking, num_codes: int, generator: torch.Generator
+    ) -> Tensor:
         """Predictions ``[N, k, L, p² C]`` of ``imgs`` under one masking and ``k`` random codes each (the grid of
         ``selfsup reconstruct --codes k``); the MAE arm repeats its single prediction."""
         if self.latent is None:

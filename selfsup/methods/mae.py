@@ -23,8 +23,9 @@ pass through ``self.backbone.blocks[i]``, timm blocks), :meth:`MAE.forward_decod
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -110,8 +111,10 @@ class MAE(Method):
         try:
             check_masked_vit(vit)
         except ValueError as e:
-            raise ValueError(f"{type(self).__name__} needs a ViT backbone (vit_tiny, vit_small, vit_base, ...), "
-                             f"got {self.backbone_spec['name']}: {e}") from e
+            raise ValueError(
+                f"{type(self).__name__} needs a ViT backbone (vit_tiny, vit_small, vit_base, ...), "
+                f"got {self.backbone_spec['name']}: {e}"
+            ) from e
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if mae_init:
@@ -122,8 +125,9 @@ class MAE(Method):
         self.patch_size = vit_patch_size(vit)
         self.in_chans = int(vit.patch_embed.proj.in_channels)
         self.num_patches = int(vit.patch_embed.num_patches)
-        self.decoder = MAEDecoder(self.num_features, self.num_patches, self.patch_size, self.in_chans,
-                                  _decoder_config(decoder))
+        self.decoder = MAEDecoder(
+            self.num_features, self.num_patches, self.patch_size, self.in_chans, _decoder_config(decoder)
+        )
         if init_from:
             self.load_mae(init_from)
 
@@ -134,8 +138,9 @@ class MAE(Method):
         from selfsup.models.mae_weights import load_mae_weights
 
         report = load_mae_weights(self, path)
-        rank_zero_info(f"{type(self).__name__}: {report.get('loaded')} tensors loaded from {path} "
-                       f"({report.get('source')})")
+        rank_zero_info(
+            f"{type(self).__name__}: {report.get('loaded')} tensors loaded from {path} ({report.get('source')})"
+        )
         return report
 
     # ---------------------------------------------------------------------------------- pieces
@@ -165,8 +170,9 @@ class MAE(Method):
         """Predictions ``[N, L, p² C]`` for ``imgs`` under ``masking`` (encoder on the kept patches)."""
         return self.forward_decoder(self.decoder_tokens(self.forward_encoder(imgs, masking.keep)), masking.restore)
 
-    def forward_loss(self, imgs: Tensor, masking: Union[Masking, torch.Generator],
-                     reduction: Literal["mean", "none"] = "mean") -> MAEOutput:
+    def forward_loss(
+        self, imgs: Tensor, masking: Union[Masking, torch.Generator], reduction: Literal["mean", "none"] = "mean"
+    ) -> MAEOutput:
         """The MAE loss of ``imgs [N, C, H, W]`` under ``masking`` (or a fresh one drawn from a generator).
 
         ``reduction="none"`` gives the per-sample masked mean ``[N]`` (IMLE-SSL scores latent codes with it).
@@ -184,8 +190,10 @@ class MAE(Method):
     def heldout_loss(self, imgs: Tensor, generator: torch.Generator, num_codes: int = 1, chunk: int = 32) -> Tensor:
         """``[N]`` masked loss of ``imgs [N, C, H, W]`` under a fresh random mask each (validation; ``num_codes`` is
         for latent-code models, an MAE has none)."""
-        out = [self.forward_loss(imgs[c: c + chunk], generator, reduction="none").loss.float()
-               for c in range(0, imgs.shape[0], chunk)]
+        out = [
+            self.forward_loss(imgs[c : c + chunk], generator, reduction="none").loss.float()
+            for c in range(0, imgs.shape[0], chunk)
+        ]
         return torch.cat(out)
 
     # ---------------------------------------------------------------------------------- duty

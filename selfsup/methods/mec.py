@@ -84,7 +84,7 @@ class MEC(Method):
 
     def lamda_inv_at(self, m: int, step: int, steps_per_epoch: int) -> float:
         """``1/λ`` at optimiser ``step``: ``m · eps_sq / d``, times 8 -> 1 over the warm-up steps."""
-        warmup_steps = int(round(self.warmup_epochs * steps_per_epoch))
+        warmup_steps = round(self.warmup_epochs * steps_per_epoch)
         return float(mec_warmup_lamda_inv(step, warmup_steps, mec_lamda_inv(m, self.dim, self.eps_sq)))
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -100,8 +100,9 @@ class MEC(Method):
         gather = distributed.gather if self.gather_distributed else (lambda t: t)
         z1, z2, p1, p2 = gather(z1), gather(z2), gather(p1), gather(p2)
         lamda_inv = self.lamda_inv_at(z1.shape[0], batch.step, batch.steps_per_epoch)
-        loss, parts = mec_loss(z1, z2, p1, p2, eps_sq=self.eps_sq, order=self.order, lamda_inv=lamda_inv,
-                               return_parts=True)
+        loss, parts = mec_loss(
+            z1, z2, p1, p2, eps_sq=self.eps_sq, order=self.order, lamda_inv=lamda_inv, return_parts=True
+        )
         with torch.no_grad():
             erank = effective_rank(h1.detach().float())
         logs = {k: torch.as_tensor(val).detach().float() for k, val in parts.items()}

@@ -8,7 +8,7 @@ BatchNorm are options (MIN-MMCR's projector has a last bias; MEC's projector end
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class MappingConfig:
             raise ValueError(f"mapping.center_codes must be >= 1 with center, got {self.center_codes}")
 
     @classmethod
-    def imle_h(cls, **overrides: Any) -> "MappingConfig":
+    def imle_h(cls, **overrides: Any) -> MappingConfig:
         """IMLE-H's form: no final activation, centred ``s``, ReLU'd centred ``g`` (lr_mul stays 0.01: HEAD's
         1e-5 freezes the net)."""
         return cls(**{"final_activation": False, "center": True, **overrides})
@@ -182,8 +183,9 @@ def parse_inject_spec(spec: InjectSpec, depth: int) -> list[tuple[int, str]]:
         idx %= depth
         method = str(method).lower()
         if method not in INJECTION_METHODS:
-            raise ValueError(f"inject: unknown method {method!r} for block {idx}; "
-                             f"supported: {', '.join(INJECTION_METHODS)}")
+            raise ValueError(
+                f"inject: unknown method {method!r} for block {idx}; supported: {', '.join(INJECTION_METHODS)}"
+            )
         if idx in out:
             raise ValueError(f"inject: block {idx} is named twice")
         out[idx] = method
@@ -198,8 +200,9 @@ class EqualLinear(nn.Module):
     ``x @ (weight · m / sqrt(in))ᵀ + bias · m``. ``m = lr_mul``.
     """
 
-    def __init__(self, in_features: int, out_features: int, lr_mul: float = 1.0, bias: bool = True,
-                 bias_init: float = 0.0):
+    def __init__(
+        self, in_features: int, out_features: int, lr_mul: float = 1.0, bias: bool = True, bias_init: float = 0.0
+    ):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"EqualLinear needs positive sizes, got {in_features} -> {out_features}")
@@ -249,7 +252,7 @@ class MappingNetwork(nn.Module):
         self.config, self.code_dim, self.out_dim = cfg, int(code_dim), int(out_dim)
         self.norm = PixelNorm(cfg.eps)
         widths = [code_dim] + [cfg.hidden] * (cfg.depth - 1) + [out_dim]
-        self.layers = nn.ModuleList(EqualLinear(a, b, lr_mul=cfg.lr_mul) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(EqualLinear(a, b, lr_mul=cfg.lr_mul) for a, b in itertools.pairwise(widths))
 
     def forward(self, z: Tensor) -> Tensor:
         if z.shape[-1] != self.code_dim:
@@ -298,8 +301,9 @@ class AdaINInjection(nn.Module):
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """``y [N, T, C]``, ``z [N, d]`` -> ``s[:, None] + y ⊙ (1 + g[:, None])`` ``[N, T, C]``."""
         if y.dim() != 3 or y.shape[-1] != self.width or y.shape[0] != z.shape[0]:
-            raise ValueError(f"AdaIN: tokens must be [N, T, {self.width}] with N = {z.shape[0]} codes, "
-                             f"got {tuple(y.shape)}")
+            raise ValueError(
+                f"AdaIN: tokens must be [N, T, {self.width}] with N = {z.shape[0]} codes, got {tuple(y.shape)}"
+            )
         s, g = self.style(z)
         return s[:, None, :].to(y.dtype) + y * (1 + g[:, None, :].to(y.dtype))
 
@@ -334,8 +338,9 @@ class LatentInjector(nn.Module):
         """``W``: codes per sample (one per wrapped block)."""
         return len(self.indices)
 
-    def sample_codes(self, n: int, generator: Optional[torch.Generator] = None, device=None,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
+    def sample_codes(
+        self, n: int, generator: Optional[torch.Generator] = None, device=None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """``z ~ N(0, I)`` of shape ``[n, W, d]``, drawn from ``generator`` (on its device by default)."""
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
@@ -350,8 +355,10 @@ class LatentInjector(nn.Module):
     def _check_codes(self, z: Tensor) -> None:
         if not isinstance(z, Tensor) or z.dim() != 3 or tuple(z.shape[1:]) != (self.num_codes, self.code_dim):
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(f"codes must be [N, {self.num_codes}, {self.code_dim}] (samples, wrapped blocks "
-                             f"{self.indices}, code size), got {shape}")
+            raise ValueError(
+                f"codes must be [N, {self.num_codes}, {self.code_dim}] (samples, wrapped blocks "
+                f"{self.indices}, code size), got {shape}"
+            )
 
     def modulate(self, block: int, y: Tensor, z: Tensor) -> Tensor:
         """Apply block ``block``'s injection to its output ``y [N, T, C]`` with the codes ``z [N·k, W, d]``.
@@ -361,8 +368,10 @@ class LatentInjector(nn.Module):
         n, m = y.shape[0], z.shape[0]
         if m != n:
             if n == 0 or m % n:
-                raise ValueError(f"block {block}: {m} code rows do not cover {n} token sequences k times each "
-                                 "(codes [N·k, W, d] for tokens [N, T, C])")
+                raise ValueError(
+                    f"block {block}: {m} code rows do not cover {n} token sequences k times each "
+                    "(codes [N·k, W, d] for tokens [N, T, C])"
+                )
             y = repeat_examples(y, m // n)
         return self.adain[str(block)](y, z[:, self.indices.index(block)])
 
@@ -382,7 +391,7 @@ class LatentInjector(nn.Module):
         return x
 
     # ------------------------------------------------------------------------------- hooks
-    def attach(self, encoder: nn.Module) -> "LatentInjector":
+    def attach(self, encoder: nn.Module) -> LatentInjector:
         """Register forward hooks on ``encoder.blocks[i]`` for the wrapped blocks (once per encoder).
 
         The encoder is not modified otherwise and not stored as a submodule (its parameters stay the
@@ -439,15 +448,22 @@ def _hook(injector: LatentInjector, block: int, module: nn.Module, args: Any, ou
     return injector.modulate(block, output, z)
 
 
-def inject_codes(encoder: nn.Module, inject: InjectSpec = ((11, "adain"),), code_dim: int = 512,
-                 mapping: Optional[MappingConfig] = None) -> LatentInjector:
+def inject_codes(
+    encoder: nn.Module,
+    inject: InjectSpec = ((11, "adain"),),
+    code_dim: int = 512,
+    mapping: Optional[MappingConfig] = None,
+) -> LatentInjector:
     """A :class:`LatentInjector` for ``encoder`` (a timm ViT), attached to its blocks.
 
     ``inject``: ``[[block, method], ...]`` (see :class:`LatentConfig`). Keep the returned module as a
     submodule of the method so its parameters train and checkpoint; the encoder's keys are unchanged.
     """
-    cfg = LatentConfig(inject=[list(p) if isinstance(p, (list, tuple)) else p for p in inject], code_dim=code_dim,
-                       mapping=dataclasses.replace(mapping) if mapping is not None else MappingConfig())
+    cfg = LatentConfig(
+        inject=[list(p) if isinstance(p, (list, tuple)) else p for p in inject],
+        code_dim=code_dim,
+        mapping=dataclasses.replace(mapping) if mapping is not None else MappingConfig(),
+    )
     width = getattr(encoder, "embed_dim", None)
     blocks = getattr(encoder, "blocks", None)
     if width is None or blocks is None:

@@ -38,9 +38,14 @@ from torch import Tensor
 
 __all__ = ["load_mae_weights"]
 
-_OFFICIAL_DECODER = (("decoder_embed.", "decoder.embed."), ("decoder_pos_embed", "decoder.pos_embed"),
-                     ("decoder_blocks.", "decoder.blocks."), ("decoder_norm.", "decoder.norm."),
-                     ("decoder_pred.", "decoder.pred."), ("mask_token", "decoder.mask_token"))
+_OFFICIAL_DECODER = (
+    ("decoder_embed.", "decoder.embed."),
+    ("decoder_pos_embed", "decoder.pos_embed"),
+    ("decoder_blocks.", "decoder.blocks."),
+    ("decoder_norm.", "decoder.norm."),
+    ("decoder_pred.", "decoder.pred."),
+    ("mask_token", "decoder.mask_token"),
+)
 _POS = ("backbone.pos_embed", "decoder.pos_embed")  # fixed sin-cos tables [1, 1 + L, D|E]: optional in the file
 
 
@@ -53,21 +58,22 @@ def _read(path: Path) -> Any:
         return load_file(str(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - tell pickled objects apart from an unreadable file
+    except Exception as e:
         if isinstance(e, pickle.UnpicklingError) or "weights only" in str(e).lower():
             raise ValueError(
                 f"'{path}' holds pickled Python objects besides tensors (e.g. an argparse 'args' Namespace or an "
                 f"optimizer/scheduler object), which selfsup will not unpickle (torch.load(weights_only=True) "
                 f"refused: {str(e).splitlines()[0][:160]}). If you trust the file, strip it once to its weights: "
                 f"python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
-                f"torch.save({{'model': c['model']}}, 'mae_weights_only.pth')\" and pass that file instead") from e
+                f"torch.save({{'model': c['model']}}, 'mae_weights_only.pth')\" and pass that file instead"
+            ) from e
         raise ValueError(f"cannot read '{path}' as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def _official_target(key: str) -> str | None:
     for old, new in _OFFICIAL_DECODER:
         if key == old or (old.endswith(".") and key.startswith(old)):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return None if key.startswith("head.") else "backbone." + key
 
 
@@ -81,7 +87,7 @@ def _targets(ckpt: Any, path: Path) -> tuple[str, dict[str, tuple[str, Tensor]],
 
         meta = upgrade_checkpoint(ckpt)["selfsup"]
         source, sd = "selfsup", ckpt.get("state_dict", {})
-        backbone_prefix = meta.get("backbones", {}).get("online", "method.backbone.")[len("method."):]
+        backbone_prefix = meta.get("backbones", {}).get("online", "method.backbone.")[len("method.") :]
     elif isinstance(ckpt.get("model"), dict):
         source, sd = "official-mae", ckpt["model"]
     elif isinstance(ckpt.get("state_dict"), dict):
@@ -90,22 +96,30 @@ def _targets(ckpt: Any, path: Path) -> tuple[str, dict[str, tuple[str, Tensor]],
         source, sd = "state-dict", ckpt
     sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
     ours_layout = any(k.startswith(("method.backbone.", "backbone.", "method.decoder.", "decoder.")) for k in sd)
-    official = not ours_layout and any(k in ("cls_token", "patch_embed.proj.weight") or k.startswith("blocks.")
-                                       for k in sd)
+    official = not ours_layout and any(
+        k in ("cls_token", "patch_embed.proj.weight") or k.startswith("blocks.") for k in sd
+    )
     if source == "official-mae" and not official:
         source = "state-dict"  # a "model" wrapper around our own layout
     if not (ours_layout or official):
-        raise ValueError(f"'{path}' holds no MAE encoder weights in a known layout (neither selfsup 'method.backbone.*'"
-                         f" nor official MAE 'blocks.*', 'cls_token'); first keys: {list(sd)[:5]}")
+        raise ValueError(
+            f"'{path}' holds no MAE encoder weights in a known layout (neither selfsup 'method.backbone.*'"
+            f" nor official MAE 'blocks.*', 'cls_token'); first keys: {list(sd)[:5]}"
+        )
     out: dict[str, tuple[str, Tensor]] = {}
     skipped: list[str] = []
     for k, v in sd.items():
         if official:
             t = _official_target(k)
         else:
-            name = k[len("method."):] if k.startswith("method.") else k
-            t = ("backbone." + name[len(backbone_prefix):] if name.startswith(backbone_prefix)
-                 else name if name.startswith("decoder.") else None)
+            name = k[len("method.") :] if k.startswith("method.") else k
+            t = (
+                "backbone." + name[len(backbone_prefix) :]
+                if name.startswith(backbone_prefix)
+                else name
+                if name.startswith("decoder.")
+                else None
+            )
         if t is None:
             skipped.append(k)
         else:
@@ -136,16 +150,22 @@ def load_mae_weights(method: nn.Module, path: str | os.PathLike, *, strict_decod
     source, targets, skipped = _targets(_read(path), path)
     ours = method.state_dict()  # detached tensors sharing storage with the parameters
     if "backbone.norm.weight" not in ours and "backbone.fc_norm.weight" in ours:  # global_pool="avg" ViT:
-        targets = {("backbone.fc_norm." + t[len("backbone.norm."):] if t.startswith("backbone.norm.") else t): v
-                   for t, v in targets.items()}  # MAE's token norm is timm's fc_norm there
+        targets = {
+            ("backbone.fc_norm." + t[len("backbone.norm.") :] if t.startswith("backbone.norm.") else t): v
+            for t, v in targets.items()
+        }  # MAE's token norm is timm's fc_norm there
     extra = [f"{fk} (ours: {t})" for t, (fk, _) in targets.items() if t not in ours]
     if extra:
-        raise ValueError(f"'{path}' holds weights that {type(method).__name__} has no place for (a different encoder "
-                         f"or decoder architecture, e.g. depth): {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        raise ValueError(
+            f"'{path}' holds weights that {type(method).__name__} has no place for (a different encoder "
+            f"or decoder architecture, e.g. depth): {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        )
     missing_enc = [k for k in ours if k.startswith("backbone.") and k not in targets and k not in _POS]
     if missing_enc:
-        raise ValueError(f"'{path}' lacks encoder weights {missing_enc[:5]}{' ...' if len(missing_enc) > 5 else ''}"
-                         f" ({len(missing_enc)} missing); is it an MAE checkpoint for this ViT?")
+        raise ValueError(
+            f"'{path}' lacks encoder weights {missing_enc[:5]}{' ...' if len(missing_enc) > 5 else ''}"
+            f" ({len(missing_enc)} missing); is it an MAE checkpoint for this ViT?"
+        )
     dec = [k for k in ours if k.startswith("decoder.") and k not in _POS]
     missing_dec = [k for k in dec if k not in targets]
     if missing_dec and strict_decoder:
@@ -154,10 +174,13 @@ def load_mae_weights(method: nn.Module, path: str | os.PathLike, *, strict_decod
                 f"'{path}' has no MAE decoder weights (no decoder_* / mask_token or decoder.* keys): it is an "
                 "encoder-only release such as mae_pretrain_vit_base.pth. IMLE (and any method that starts from MAE "
                 "reconstructions) needs the full checkpoint with decoder, mae_pretrain_vit_base_full.pth (MAE issue "
-                "#8); pass strict_decoder=False to load the encoder only")
-        raise ValueError(f"'{path}' lacks decoder weights {missing_dec[:5]}{' ...' if len(missing_dec) > 5 else ''} "
-                         f"({len(missing_dec)} of {len(dec)} missing); pass strict_decoder=False to keep them as "
-                         "initialised")
+                "#8); pass strict_decoder=False to load the encoder only"
+            )
+        raise ValueError(
+            f"'{path}' lacks decoder weights {missing_dec[:5]}{' ...' if len(missing_dec) > 5 else ''} "
+            f"({len(missing_dec)} of {len(dec)} missing); pass strict_decoder=False to keep them as "
+            "initialised"
+        )
     pos: dict[str, str] = {}
     for t in _POS:
         if t in ours and t not in targets:
@@ -169,13 +192,18 @@ def load_mae_weights(method: nn.Module, path: str | os.PathLike, *, strict_decod
                 pos[t] = f"kept our sin-cos table: file's {fk} is {list(v.shape)}, ours {list(ours[t].shape)}"
     for t, (fk, v) in targets.items():
         if v.shape != ours[t].shape:
-            raise ValueError(f"shape mismatch in '{path}': {fk} is {list(v.shape)} but {type(method).__name__}'s "
-                             f"{t} is {list(ours[t].shape)}")
+            raise ValueError(
+                f"shape mismatch in '{path}': {fk} is {list(v.shape)} but {type(method).__name__}'s "
+                f"{t} is {list(ours[t].shape)}"
+            )
     for t in _POS:
         if t in targets:
             diff = (targets[t][1].float() - ours[t].float().cpu()).abs().max().item()
-            pos[t] = ("copied; equals our sin-cos table within 1e-5" if diff <= 1e-5
-                      else f"copied; differs from our sin-cos table (max |diff| {diff:.3g})")
+            pos[t] = (
+                "copied; equals our sin-cos table within 1e-5"
+                if diff <= 1e-5
+                else f"copied; differs from our sin-cos table (max |diff| {diff:.3g})"
+            )
     for t, (_, v) in targets.items():
         ours[t].copy_(v)
     kept = [k for k in ours if k not in targets]

@@ -31,20 +31,20 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = [
-    "Masking",
-    "MAEDecoder",
     "DecoderConfig",
-    "patchify",
-    "unpatchify",
-    "random_masking",
-    "masking_from_noise",
-    "sincos_pos_embed_2d",
-    "set_sincos_pos_embed",
+    "MAEDecoder",
+    "Masking",
     "check_masked_vit",
-    "vit_patch_size",
     "forward_kept",
-    "pool_tokens",
     "mae_init_",
+    "masking_from_noise",
+    "patchify",
+    "pool_tokens",
+    "random_masking",
+    "set_sincos_pos_embed",
+    "sincos_pos_embed_2d",
+    "unpatchify",
+    "vit_patch_size",
 ]
 
 
@@ -56,8 +56,9 @@ def patchify(imgs: Tensor, patch_size: int) -> Tensor:
     n, c, h, w = imgs.shape
     p = int(patch_size)
     if p < 1 or h != w or h % p:
-        raise ValueError(f"patchify needs square images with a side divisible by the patch size; "
-                         f"got {h}x{w} and patch_size {p}")
+        raise ValueError(
+            f"patchify needs square images with a side divisible by the patch size; got {h}x{w} and patch_size {p}"
+        )
     g = h // p
     x = imgs.reshape(n, c, g, p, g, p)
     x = torch.einsum("ncipjq->nijpqc", x)  # [N, gh, gw, p, p, C]
@@ -72,8 +73,10 @@ def unpatchify(x: Tensor, patch_size: int, channels: int = 3) -> Tensor:
     p, c = int(patch_size), int(channels)
     g = math.isqrt(length)
     if g * g != length or d != p * p * c:
-        raise ValueError(f"unpatchify: {length} patches of {d} values are not a square grid of "
-                         f"{p}x{p}x{c} patches (patch_size {p}, channels {c})")
+        raise ValueError(
+            f"unpatchify: {length} patches of {d} values are not a square grid of "
+            f"{p}x{p}x{c} patches (patch_size {p}, channels {c})"
+        )
     x = x.reshape(n, g, g, p, p, c)
     x = torch.einsum("nijpqc->ncipjq", x)
     return x.reshape(n, c, g * p, g * p)
@@ -93,7 +96,7 @@ class Masking(NamedTuple):
     mask: Tensor
     restore: Tensor
 
-    def rows(self, index) -> "Masking":
+    def rows(self, index) -> Masking:
         """The masking of a subset of the sequences (a slice or index tensor over ``N``)."""
         return Masking(self.keep[index], self.mask[index], self.restore[index])
 
@@ -121,8 +124,13 @@ def masking_from_noise(noise: Tensor, mask_ratio: float) -> Masking:
     return Masking(keep, mask, restore)
 
 
-def random_masking(n: int | Tensor, length: Optional[int] = None, mask_ratio: float = 0.75,
-                   generator: Optional[torch.Generator] = None, device=None) -> Masking:
+def random_masking(
+    n: int | Tensor,
+    length: Optional[int] = None,
+    mask_ratio: float = 0.75,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> Masking:
     """Per-sample uniform random masking keeping exactly ``floor(L (1 - r))`` patches of every sample.
 
     ``random_masking(N, L, r, generator)`` or ``random_masking(x, None, r, generator)`` with tokens
@@ -177,8 +185,11 @@ def check_masked_vit(vit: nn.Module) -> None:
     missing = [a for a in ("patch_embed", "pos_embed", "cls_token", "blocks", "norm") if getattr(vit, a, None) is None]
     if missing:
         raise ValueError(f"MAE needs a timm ViT with a class token and position embedding; {name} has no {missing}")
-    if getattr(vit, "reg_token", None) is not None or getattr(vit, "no_embed_class", False) \
-            or getattr(vit, "dynamic_img_size", False):
+    if (
+        getattr(vit, "reg_token", None) is not None
+        or getattr(vit, "no_embed_class", False)
+        or getattr(vit, "dynamic_img_size", False)
+    ):
         raise ValueError("MAE supports timm ViTs without register tokens, no_embed_class or dynamic_img_size")
     gh, gw = vit.patch_embed.grid_size
     if gh != gw:
@@ -282,8 +293,14 @@ class MAEDecoder(nn.Module):
     LayerNorm eps 1e-6). ``no_weight_decay()`` names the mask token and the (frozen) position table.
     """
 
-    def __init__(self, embed_dim: int, num_patches: int, patch_size: int, in_chans: int = 3,
-                 config: Optional[DecoderConfig] = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_patches: int,
+        patch_size: int,
+        in_chans: int = 3,
+        config: Optional[DecoderConfig] = None,
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -296,8 +313,9 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(cfg.width, g, cls_token=True)[None], requires_grad=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.Sequential(*[Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm)
-                                      for _ in range(cfg.depth)])
+        self.blocks = nn.Sequential(
+            *[Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(cfg.depth)]
+        )
         self.norm = norm(cfg.width)
         self.pred = nn.Linear(cfg.width, patch_size * patch_size * in_chans)
         mae_init_(self)

@@ -17,12 +17,13 @@ the flat ``{"name": ..., "cifar_stem": ..., "width": ...}`` of format-1 checkpoi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["BackboneSpec", "register_backbone", "build_backbone", "available_backbones", "backbone_spec"]
+__all__ = ["BackboneSpec", "available_backbones", "backbone_spec", "build_backbone", "register_backbone"]
 
 
 @dataclass
@@ -37,6 +38,7 @@ class BackboneSpec:
 
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)
+
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -95,6 +97,8 @@ def build_backbone(spec: BackboneSpec | Mapping[str, Any] | str | None = None, *
         model = _BUILDERS[s["name"]](**s["kwargs"])
     except TypeError as e:
         raise ValueError(f"backbone '{s['name']}' rejected its arguments {s['kwargs']}: {e}") from e
-    if not isinstance(getattr(model, "num_features", None), int) or not callable(getattr(model, "no_weight_decay", None)):
+    if not isinstance(getattr(model, "num_features", None), int) or not callable(
+        getattr(model, "no_weight_decay", None)
+    ):
         raise TypeError(f"backbone '{s['name']}' must define an int num_features and no_weight_decay()")
     return model

@@ -25,14 +25,19 @@ class ResNetTrunk(ResNet):
         return set()  # only 1-D parameters (BatchNorm, biases), which the optimiser excludes by rule
 
 
-def _resnet(block: type[nn.Module], layers: list[int], cifar_stem: bool = False, width: int = 64,
-            zero_init_residual: bool = False) -> ResNetTrunk:
+def _resnet(
+    block: type[nn.Module],
+    layers: list[int],
+    cifar_stem: bool = False,
+    width: int = 64,
+    zero_init_residual: bool = False,
+) -> ResNetTrunk:
     """Args:
-        cifar_stem: replace ``conv1`` by a 3x3 stride-1 convolution without bias and drop the max-pool
-            (32x32 / 64x64 inputs).
-        width: channels of the first stage (64 = torchvision). Narrower widths keep the torchvision module
-            layout, for small CPU experiments; BasicBlock ResNets only.
-        zero_init_residual: zero-init the last BN of each residual branch (ImageNet MMCR / MEC).
+    cifar_stem: replace ``conv1`` by a 3x3 stride-1 convolution without bias and drop the max-pool
+        (32x32 / 64x64 inputs).
+    width: channels of the first stage (64 = torchvision). Narrower widths keep the torchvision module
+        layout, for small CPU experiments; BasicBlock ResNets only.
+    zero_init_residual: zero-init the last BN of each residual branch (ImageNet MMCR / MEC).
     """
     model = ResNetTrunk(block, layers, zero_init_residual=zero_init_residual)
     if width != 64:

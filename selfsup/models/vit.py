@@ -39,9 +39,18 @@ def _vit(name: str, patch_size: int = 16, img_size: int = 224, global_pool: str 
     if img_size % patch_size:
         raise ValueError(f"{name}: img_size {img_size} is not a multiple of patch_size {patch_size}")
     if global_pool not in ("token", "avg"):
-        raise ValueError(f"{name}: global_pool must be 'token' (class token) or 'avg' (mean patch token), got {global_pool!r}")
-    return timm.create_model(VIT_ARCHS[name][0], pretrained=False, num_classes=0, img_size=img_size,
-                             patch_size=patch_size, global_pool=global_pool, **kw)
+        raise ValueError(
+            f"{name}: global_pool must be 'token' (class token) or 'avg' (mean patch token), got {global_pool!r}"
+        )
+    return timm.create_model(
+        VIT_ARCHS[name][0],
+        pretrained=False,
+        num_classes=0,
+        img_size=img_size,
+        patch_size=patch_size,
+        global_pool=global_pool,
+        **kw,
+    )
 
 
 @register_backbone

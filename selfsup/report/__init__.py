@@ -10,12 +10,13 @@ else is touched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from selfsup.report.runs import Run, load_run
 
-__all__ = ["build_report", "load_run", "Run"]
+__all__ = ["Run", "build_report", "load_run"]
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -40,8 +41,9 @@ def default_out_dir(run_dirs: Sequence[str | Path]) -> Path:
     return Path("reports") / name
 
 
-def build_report(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] = None,
-                 command: Optional[str] = None) -> dict[str, Any]:
+def build_report(
+    run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] = None, command: Optional[str] = None
+) -> dict[str, Any]:
     """Write the report of ``run_dirs``; returns ``{"html": path, "pngs": [paths], "runs": [names], "notes": {...}}``.
 
     A missing run directory is a ``FileNotFoundError``, a directory that holds nothing a run writes a
@@ -58,5 +60,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] =
 
     plots = make_plots(runs, out)
     page = build_html(runs, plots, out / "report.html", commands=command)
-    return {"html": str(page), "pngs": [str(p) for _, p in plots], "runs": [r.name for r in runs],
-            "notes": {r.name: r.notes for r in runs}}
+    return {
+        "html": str(page),
+        "pngs": [str(p) for _, p in plots],
+        "runs": [r.name for r in runs],
+        "notes": {r.name: r.notes for r in runs},
+    }

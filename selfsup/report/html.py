@@ -67,8 +67,15 @@ def flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def _table(header: list[str], rows: list[list[Any]], numeric: Optional[set[int]] = None) -> str:
     numeric = numeric or set()
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(_fmt(c))}</td>' if i in numeric else f"<td>{_e(_fmt(c))}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_e(_fmt(c))}</td>' if i in numeric else f"<td>{_e(_fmt(c))}</td>"
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -124,17 +131,30 @@ def _eval_section(run: Run) -> str:
     for path, res in run.evals:
         if isinstance(res.get("pick"), dict):
             p, last = res["pick"], res.get("last", {})
-            summary = (f"pick {p.get('checkpoint')} (score {_fmt(p.get('score'))}, test {_fmt(p.get('test_top1'))}) | "
-                       f"last {last.get('checkpoint')} (score {_fmt(last.get('score'))}, test "
-                       f"{_fmt(last.get('test_top1'))})")
+            summary = (
+                f"pick {p.get('checkpoint')} (score {_fmt(p.get('score'))}, test {_fmt(p.get('test_top1'))}) | "
+                f"last {last.get('checkpoint')} (score {_fmt(last.get('score'))}, test "
+                f"{_fmt(last.get('test_top1'))})"
+            )
             rows.append([path.name, _eval_label(res), summary, "", "", "", ""])
             continue
-        rows.append([path.name, _eval_label(res), "", *[res.get(k) for k in keys[:2]], res.get("test_top1"),
-                     res.get("val_top1")])
-    table = _table(["file", "evaluation", "selection", "top-1", "top-5", "test top-1", "val top-1"], rows,
-                   numeric={3, 4, 5, 6})
-    details = "".join(f"<details><summary>{_e(path.name)}</summary><pre>{_e(json.dumps(res, indent=2, default=str))}"
-                      f"</pre></details>" for path, res in run.evals)
+        rows.append(
+            [
+                path.name,
+                _eval_label(res),
+                "",
+                *[res.get(k) for k in keys[:2]],
+                res.get("test_top1"),
+                res.get("val_top1"),
+            ]
+        )
+    table = _table(
+        ["file", "evaluation", "selection", "top-1", "top-5", "test top-1", "val top-1"], rows, numeric={3, 4, 5, 6}
+    )
+    details = "".join(
+        f"<details><summary>{_e(path.name)}</summary><pre>{_e(json.dumps(res, indent=2, default=str))}</pre></details>"
+        for path, res in run.evals
+    )
     return table + details
 
 
@@ -145,32 +165,45 @@ def _png_data_uri(path: Path) -> str:
 def build_html(runs: list[Run], plots: list[tuple[str, Path]], out_path: Path, commands: Optional[str] = None) -> Path:
     """Write the report page to ``out_path`` and return it."""
     title = "selfsup report: " + ", ".join(r.name for r in runs)
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>",
-             f"<style>{STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>",
-             f"<p>Generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}"
-             + (f" by <code>{_e(commands)}</code>" if commands else "") + ".</p>"]
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>',
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f"<p>Generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}"
+        + (f" by <code>{_e(commands)}</code>" if commands else "")
+        + ".</p>",
+    ]
     header, rows = results_table(runs)
-    parts += ["<h2 id=\"results\">Results</h2>", _table(header, rows, numeric={2, 3, 4, 5})]
-    parts.append("<h2 id=\"plots\">Plots</h2>")
+    parts += ['<h2 id="results">Results</h2>', _table(header, rows, numeric={2, 3, 4, 5})]
+    parts.append('<h2 id="plots">Plots</h2>')
     if not plots:
-        parts.append("<p class=\"note\">Nothing to plot yet (no logs/metrics.csv or spectrum.jsonl with data).</p>")
+        parts.append('<p class="note">Nothing to plot yet (no logs/metrics.csv or spectrum.jsonl with data).</p>')
     for caption, path in plots:
-        parts.append(f"<figure><img src=\"{_png_data_uri(path)}\" alt=\"{_e(caption)}\" data-file=\"{_e(path.name)}\">"
-                     f"<figcaption>{_e(caption)} ({_e(path.name)})</figcaption></figure>")
+        parts.append(
+            f'<figure><img src="{_png_data_uri(path)}" alt="{_e(caption)}" data-file="{_e(path.name)}">'
+            f"<figcaption>{_e(caption)} ({_e(path.name)})</figcaption></figure>"
+        )
     for r in runs:
-        parts.append(f"<h2 class=\"run\" id=\"run-{_e(r.name)}\">Run {_e(r.name)}</h2>")
-        parts.append(f"<p><code>{_e(r.path.resolve())}</code>; checkpoints: "
-                     f"{_e(', '.join(c['name'] for c in r.checkpoints) or 'none')}</p>")
+        parts.append(f'<h2 class="run" id="run-{_e(r.name)}">Run {_e(r.name)}</h2>')
+        parts.append(
+            f"<p><code>{_e(r.path.resolve())}</code>; checkpoints: "
+            f"{_e(', '.join(c['name'] for c in r.checkpoints) or 'none')}</p>"
+        )
         if r.notes:
-            parts.append("<ul>" + "".join(f"<li class=\"note\">{_e(n)}</li>" for n in r.notes) + "</ul>")
+            parts.append("<ul>" + "".join(f'<li class="note">{_e(n)}</li>' for n in r.notes) + "</ul>")
         parts += ["<h3>Evaluation results</h3>", _eval_section(r), "<h3>Resolved config</h3>"]
         if r.config:
-            parts.append(_table(["key", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
-                                                   for k, v in flatten(r.config)]))
-            parts.append(f"<details><summary>config.json</summary><pre>{_e(json.dumps(r.config, indent=2))}</pre>"
-                         "</details>")
+            parts.append(
+                _table(
+                    ["key", "value"],
+                    [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in flatten(r.config)],
+                )
+            )
+            parts.append(
+                f"<details><summary>config.json</summary><pre>{_e(json.dumps(r.config, indent=2))}</pre></details>"
+            )
         else:
-            parts.append("<p class=\"note\">no config.json</p>")
+            parts.append('<p class="note">no config.json</p>')
     parts.append(f"<script>{SCRIPT}</script></body></html>")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("\n".join(parts), encoding="utf-8")

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from selfsup.report.runs import Run
 
-__all__ = ["WIDTH", "HEIGHT", "DPI", "make_plots", "spectrum_points"]
+__all__ = ["DPI", "HEIGHT", "WIDTH", "make_plots", "spectrum_points"]
 
 DPI = 100
 WIDTH, HEIGHT = 1000, 450
@@ -36,8 +36,9 @@ def _mpl():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ValueError("selfsup report needs matplotlib: pip install 'selfsup[report]' (or pip install matplotlib)") \
-            from e
+        raise ValueError(
+            "selfsup report needs matplotlib: pip install 'selfsup[report]' (or pip install matplotlib)"
+        ) from e
     return Figure, FigureCanvasAgg
 
 
@@ -157,8 +158,10 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
     def add(title: str, fig, name: str) -> None:
         made.append((title, _save(fig, out_dir / name)))
 
-    terms = sorted({k for r in runs for k in r.metrics if k.startswith("train/") and k != "train/lr"},
-                   key=lambda k: (k != "train/loss", k))
+    terms = sorted(
+        {k for r in runs for k in r.metrics if k.startswith("train/") and k != "train/lr"},
+        key=lambda k: (k != "train/loss", k),
+    )
     for key in terms:
         fig, (ax,) = _figure()
         for r in runs:
@@ -178,10 +181,22 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
         for r in runs:
             _line(ax, r.series("knn/top1"), _label(r, multi, "top-1"), colors[r.name], "-", "o")
             _line(ax, r.series("knn/top5"), _label(r, multi, "top-5"), colors[r.name], "--", "s")
-            _line(ax, r.series("select/knn"), _label(r, multi, "top-1 held-out train, per checkpoint (select)"),
-                  colors[r.name], "-.", "^")
-            _line(ax, r.series("select/knn/test"), _label(r, multi, "top-1 test, per checkpoint (diagnostic)"),
-                  colors[r.name], ":", "v")
+            _line(
+                ax,
+                r.series("select/knn"),
+                _label(r, multi, "top-1 held-out train, per checkpoint (select)"),
+                colors[r.name],
+                "-.",
+                "^",
+            )
+            _line(
+                ax,
+                r.series("select/knn/test"),
+                _label(r, multi, "top-1 test, per checkpoint (diagnostic)"),
+                colors[r.name],
+                ":",
+                "v",
+            )
         _finish(ax, "kNN accuracy", "accuracy (%)")
         add("kNN accuracy over training (online monitor; selfsup select's per-checkpoint scores)", fig, "knn.png")
 
@@ -191,16 +206,22 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
         for ax, stat, title in zip(axes, ("effective_rank", "rankme"), ("effective rank", "RankMe")):
             for r in runs:
                 for j, n in enumerate(names):
-                    _line(ax, r.series(f"spectrum/{n}/{stat}"), _label(r, multi, n), colors[r.name],
-                          LINESTYLES[j % len(LINESTYLES)])
+                    _line(
+                        ax,
+                        r.series(f"spectrum/{n}/{stat}"),
+                        _label(r, multi, n),
+                        colors[r.name],
+                        LINESTYLES[j % len(LINESTYLES)],
+                    )
             _finish(ax, f"{title} (view 0, one row per image)", title)
             if ax.get_legend():
                 ax.legend(fontsize=8, loc="upper left")
         twin = axes[0].twinx()
         for r in runs:
             _line(twin, r.series("knn/top1"), _label(r, multi, "kNN top-1"), colors[r.name], ":", "o")
-            _line(twin, r.series("select/knn"), _label(r, multi, "kNN top-1 held-out (select)"), colors[r.name],
-                  ":", "^")
+            _line(
+                twin, r.series("select/knn"), _label(r, multi, "kNN top-1 held-out (select)"), colors[r.name], ":", "^"
+            )
         if twin.get_legend_handles_labels()[0]:
             twin.set_ylabel("kNN top-1 (%)")
             twin.legend(fontsize=8, loc="lower right")
@@ -213,12 +234,18 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
             for ax, stat in zip(axes, ("alignment", "uniformity")):
                 for r in runs:
                     for j, n in enumerate(names):
-                        _line(ax, r.series(f"spectrum/{n}/{stat}"), _label(r, multi, n), colors[r.name],
-                              LINESTYLES[j % len(LINESTYLES)])
+                        _line(
+                            ax,
+                            r.series(f"spectrum/{n}/{stat}"),
+                            _label(r, multi, n),
+                            colors[r.name],
+                            LINESTYLES[j % len(LINESTYLES)],
+                        )
                 _finish(ax, f"{stat} (lower is better)", stat)
             add("Alignment and uniformity over training", fig, "alignment_uniformity.png")
 
     from matplotlib import colormaps
+
     cmap = colormaps["viridis"]
     for r in runs:
         points = spectrum_points(r)
@@ -240,8 +267,12 @@ def make_plots(runs: list[Run], out_dir: Path) -> list[tuple[str, Path]]:
                 if r.spectrum:
                     s = _nonzero(r.spectrum[-1].get("singular_values", {}).get(n, []))
                     if s:
-                        ax.plot(range(1, len(s) + 1), s, color=colors[r.name],
-                                label=f"{r.name} (step {r.spectrum[-1]['step']})")
+                        ax.plot(
+                            range(1, len(s) + 1),
+                            s,
+                            color=colors[r.name],
+                            label=f"{r.name} (step {r.spectrum[-1]['step']})",
+                        )
             _spectrum_axes(ax, f"{n}: latest spectrum of each run", legend_size=8)
         add("Latest singular-value spectrum of each run", fig, "spectrum-latest.png")
     return made

@@ -29,7 +29,7 @@ import torch
 
 from selfsup.eval.results import read_eval_results
 
-__all__ = ["Run", "load_run", "read_metrics_csv", "read_spectrum", "headline"]
+__all__ = ["Run", "headline", "load_run", "read_metrics_csv", "read_spectrum"]
 
 Series = list[tuple[int, float]]
 
@@ -84,7 +84,7 @@ class Run:
             if pts:
                 return pts
         if key.startswith("select/"):
-            by, _, test = key[len("select/"):].partition("/")
+            by, _, test = key[len("select/") :].partition("/")
             latest = [res for _, res in self.evals if res.get("kind") == f"select-{by}"]
             if not latest:
                 return []
@@ -112,7 +112,7 @@ def read_metrics_csv(path: Path) -> tuple[dict[str, Series], list[str]]:
         notes.append(f"{path.name}: last line cut short (the run was killed or is writing); skipped")
     rows = list(csv.reader(io.StringIO("\n".join(lines))))
     if not rows or "step" not in rows[0]:
-        return {}, notes + [f"{path.name}: no header with a 'step' column"]
+        return {}, [*notes, f"{path.name}: no header with a 'step' column"]
     header, bad = rows[0], 0
     out: dict[str, dict[int, float]] = {}
     for row in rows[1:]:
@@ -164,9 +164,8 @@ def _checkpoints(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for p in sorted((run / "checkpoints").glob("*.ckpt")):
         try:
             ck = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-            out.append({"name": p.name, "step": int(ck["global_step"]), "epoch": int(ck.get("epoch", -1)),
-                        "path": p})
-        except Exception as e:  # noqa: BLE001 - a partial or foreign file is reported, not fatal
+            out.append({"name": p.name, "step": int(ck["global_step"]), "epoch": int(ck.get("epoch", -1)), "path": p})
+        except Exception as e:
             out.append({"name": p.name, "step": None, "epoch": None, "path": p})
             notes.append(f"checkpoint {p.name} unreadable ({type(e).__name__})")
     out.sort(key=lambda c: (c["step"] is None, c["step"] or 0, c["name"] == "last.ckpt", c["name"]))
@@ -178,13 +177,15 @@ def _knn_from_checkpoint(ckpts: list[dict[str, Any]]) -> dict[str, Series]:
     for c in reversed([c for c in ckpts if c["step"] is not None]):
         try:
             ck = torch.load(c["path"], map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             continue
         for key, state in (ck.get("callbacks") or {}).items():
             if "KNNMonitor" in str(key) and isinstance(state, dict) and state.get("history"):
                 hist = state["history"]
-                return {"knn/top1": [(int(h["step"]), float(h["top1"])) for h in hist],
-                        "knn/top5": [(int(h["step"]), float(h["top5"])) for h in hist]}
+                return {
+                    "knn/top1": [(int(h["step"]), float(h["top1"])) for h in hist],
+                    "knn/top5": [(int(h["step"]), float(h["top5"])) for h in hist],
+                }
         return {}
     return {}
 
@@ -216,8 +217,10 @@ def load_run(path: str | Path) -> Run:
                 run.metrics[key] = [(s + 1, v) for s, v in run.metrics[key]]
     else:
         tb = list((p / "logs").glob("events.out.tfevents*")) if (p / "logs").is_dir() else []
-        run.notes.append("no logs/metrics.csv" + (" (TensorBoard logs are not read: pretrain with --trainer.logger csv "
-                                                   "for loss plots)" if tb else ""))
+        run.notes.append(
+            "no logs/metrics.csv"
+            + (" (TensorBoard logs are not read: pretrain with --trainer.logger csv for loss plots)" if tb else "")
+        )
     spec = p / "spectrum.jsonl"
     if spec.is_file():
         run.spectrum, notes = read_spectrum(spec)
