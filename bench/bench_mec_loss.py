@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from selfsup.losses.mec import _choose_form, _mec_loss
+from selfsup.losses.mec import choose_form, mec_loss
 
 
 def time_form(inputs: list[torch.Tensor], form: str, reps: int) -> tuple[float, float]:
@@ -26,7 +26,7 @@ def time_form(inputs: list[torch.Tensor], form: str, reps: int) -> tuple[float, 
         for t in inputs:
             t.grad = None
         t0 = time.perf_counter()
-        loss = _mec_loss(*inputs, eps_sq=64.0, order=4, lamda_inv=None, return_parts=False, form=form)
+        loss = mec_loss(*inputs, eps_sq=64.0, order=4, lamda_inv=None, return_parts=False, form=form)
         loss.backward()
         dt = time.perf_counter() - t0
         value = loss.item()
@@ -56,7 +56,7 @@ def main() -> None:
         inputs = [z1, z2, p1, p2]
         t_mm, v_mm = time_form(inputs, "mm", args.reps)
         t_dd, v_dd = time_form(inputs, "dd", args.reps)
-        auto = _choose_form(m, d)
+        auto = choose_form(m, d)
         rel = abs(v_mm - v_dd) / max(abs(v_mm), 1e-30)
         print(
             f"m={m:5d} d={d:5d}: m×m {t_mm * 1e3:8.1f} ms   d×d {t_dd * 1e3:8.1f} ms   "

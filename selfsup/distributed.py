@@ -20,6 +20,8 @@ exactly the single-process gradient at the same global batch.
 The official MMCR code used a plain (gradient-free) all-gather and put the
 local tensor back in its slot. Each rank then back-propagates only
 ``∂L/∂z_r`` and DDP's averaging shrinks the result to ``(1/W) · ∂L/∂θ``.
+``gather(x, grad="local")`` is that gather, kept for parity with such seeds
+(``MMCR(gather_grad="local")``).
 
 Every rank must call :func:`gather` (and run the backward pass) the same number
 of times in the same order, as with any collective.
@@ -27,7 +29,7 @@ of times in the same order, as with any collective.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -91,7 +93,16 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.local_rows], None
 
 
-def gather(x: Tensor, group: Any = None) -> Tensor:
+class _GatherLocalGrad(_GatherWithGrad):
+    """All-gather along dim 0; backward = this rank's slice of its own gradient (other ranks' rows are constants)."""
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        start = ctx.rank * ctx.local_rows
+        return grad_out[start : start + ctx.local_rows], None
+
+
+def gather(x: Tensor, group: Any = None, grad: Literal["all", "local"] = "all") -> Tensor:
     """Autograd-aware all-gather: concatenate ``x`` from every rank along dim 0.
 
     Identity when not distributed (or with a single rank). All ranks must hold
@@ -102,7 +113,12 @@ def gather(x: Tensor, group: Any = None) -> Tensor:
     The backward pass sums the incoming gradient over ranks and returns this
     rank's slice; combined with DDP's gradient averaging, parameters get the
     exact single-process gradient of the global loss (see the module docstring).
+    ``grad="local"`` drops the other ranks' share instead (the gradient-free
+    all-gather of official codes: ``1/W`` of the exact gradient after DDP's
+    averaging); the forward value is the same.
     """
+    if grad not in ("all", "local"):
+        raise ValueError(f"gather: grad must be 'all' or 'local', got {grad!r}")
     if not is_dist() or world_size(group) == 1:
         return x
     shapes = _all_shapes(x, group)
@@ -111,7 +127,7 @@ def gather(x: Tensor, group: Any = None) -> Tensor:
             "selfsup.distributed.gather needs the same tensor shape on every rank "
             f"(equal local batch sizes; use drop_last=True); got shapes by rank: {shapes}"
         )
-    return _GatherWithGrad.apply(x, group)
+    return (_GatherWithGrad if grad == "all" else _GatherLocalGrad).apply(x, group)
 
 
 @torch.no_grad()

@@ -164,7 +164,7 @@ def test_bad_search_settings_are_named():
         _imle(0, num_codes=10, codes_per_round=4)
     with pytest.raises(ValueError, match="iterations"):
         _imle(0, iterations_per_epoch=0)
-    with pytest.raises(ValueError, match="one view per example"):
+    with pytest.raises(ValueError, match="IMLE takes exactly 1 view per image, got 2"):
         _imle(0).prepare_epoch(
             EpochExamples(
                 views=_images(4)[:, None].expand(-1, 2, -1, -1, -1),

@@ -20,7 +20,7 @@ from selfsup.losses import (
     rankme,
     singular_values,
 )
-from selfsup.losses.mec import _choose_form, _mec_loss
+from selfsup.losses.mec import choose_form
 
 
 def _rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -29,12 +29,12 @@ def _rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tor
 
 
 def _forced(z1, z2, p1=None, p2=None, *, form, eps_sq=64.0, order=4, lamda_inv=None, return_parts=False):
-    return _mec_loss(
+    return mec_loss(
         z1, z2, p1, p2, eps_sq=eps_sq, order=order, lamda_inv=lamda_inv, return_parts=return_parts, form=form
     )
 
 
-def _brute_mec_loss(z1, z2, p1, p2, lamda_inv: float, order: int) -> float:
+def _brutemec_loss(z1, z2, p1, p2, lamda_inv: float, order: int) -> float:
     """float64, the m×m form with explicit matrix powers, as OFF-MEC writes it."""
 
     def T(p, z):
@@ -105,7 +105,7 @@ def test_mec_mm_and_dd_forms_agree_with_brute_force(m: int, d: int, order: int) 
     z1, z2, p1, p2 = (_rand(m, d, seed=s) for s in range(4))
     # Spectral radius of λP̂Ẑᵀ comparable to 1 so every order matters.
     lamda_inv = 0.7 * math.sqrt(m)
-    ref = _brute_mec_loss(z1, z2, p1, p2, lamda_inv, order)
+    ref = _brutemec_loss(z1, z2, p1, p2, lamda_inv, order)
     mm = _forced(z1, z2, p1, p2, form="mm", order=order, lamda_inv=lamda_inv).item()
     dd = _forced(z1, z2, p1, p2, form="dd", order=order, lamda_inv=lamda_inv).item()
     auto = mec_loss(z1, z2, p1, p2, order=order, lamda_inv=lamda_inv).item()
@@ -115,9 +115,9 @@ def test_mec_mm_and_dd_forms_agree_with_brute_force(m: int, d: int, order: int) 
 
 
 def test_mec_automatic_form_is_the_smaller_matrix() -> None:
-    assert _choose_form(1024, 2048) == "mm"
-    assert _choose_form(4096, 512) == "dd"
-    assert _choose_form(64, 64) == "mm"
+    assert choose_form(1024, 2048) == "mm"
+    assert choose_form(4096, 512) == "dd"
+    assert choose_form(64, 64) == "mm"
 
 
 def test_mec_series_is_the_log_det_for_small_lambda() -> None:

@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.losses.mec import _compute_dtype, _same_shapes, _validate_rows
+from selfsup.losses.checks import NORM_EPS, check_rows, compute_dtype, same_shapes
 
 __all__ = ["byol_loss"]
-
-_NORM_EPS = 1e-12
 
 
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
@@ -33,11 +31,11 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
         TypeError: non-tensor or non-floating input.
         FloatingPointError: NaN or Inf in an input (the message names it).
     """
-    _validate_rows(p, "p", "byol_loss")
-    _validate_rows(z, "z", "byol_loss")
-    _same_shapes({"p": p, "z": z})
-    dtype = _compute_dtype(p, z)
+    check_rows(p, "p", "byol_loss")
+    check_rows(z, "z", "byol_loss")
+    same_shapes({"p": p, "z": z})
+    dtype = compute_dtype(p, z)
     with torch.autocast(device_type=p.device.type, enabled=False):
-        ph = F.normalize(p.to(dtype), dim=1, eps=_NORM_EPS)
-        zh = F.normalize(z.to(dtype), dim=1, eps=_NORM_EPS)
+        ph = F.normalize(p.to(dtype), dim=1, eps=NORM_EPS)
+        zh = F.normalize(z.to(dtype), dim=1, eps=NORM_EPS)
         return (2.0 - 2.0 * (ph * zh).sum(dim=1)).mean()

@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.losses.mec import _compute_dtype, _same_shapes, _validate_rows
+from selfsup.losses.checks import NORM_EPS, check_rows, compute_dtype, same_shapes
 
 __all__ = ["info_nce_loss"]
-
-_NORM_EPS = 1e-12
 
 
 def info_nce_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
@@ -49,13 +47,13 @@ def info_nce_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     """
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-    _validate_rows(z1, "z1", "info_nce_loss")
-    _validate_rows(z2, "z2", "info_nce_loss")
-    _same_shapes({"z1": z1, "z2": z2})
+    check_rows(z1, "z1", "info_nce_loss")
+    check_rows(z2, "z2", "info_nce_loss")
+    same_shapes({"z1": z1, "z2": z2})
     b = z1.shape[0]
-    dtype = _compute_dtype(z1, z2)
+    dtype = compute_dtype(z1, z2)
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        u = F.normalize(torch.cat([z1, z2], dim=0).to(dtype), dim=1, eps=_NORM_EPS)
+        u = F.normalize(torch.cat([z1, z2], dim=0).to(dtype), dim=1, eps=NORM_EPS)
         logits = (u @ u.mT) / temperature
         self_mask = torch.eye(2 * b, dtype=torch.bool, device=u.device)
         logits = logits.masked_fill(self_mask, float("-inf"))

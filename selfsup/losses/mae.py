@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from selfsup.losses.checks import compute_dtype
 from selfsup.models.masked_vit import patchify
 
 __all__ = ["mae_loss", "masked_patch_mse", "norm_pix_targets"]
@@ -38,10 +39,6 @@ def norm_pix_targets(target: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True, unbiased=True)
     return (target - mean) / (var + eps) ** 0.5
-
-
-def _dtype(*xs: Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def masked_patch_mse(
@@ -60,7 +57,7 @@ def masked_patch_mse(
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be [N, L, P]")
     if weight.shape != pred.shape[:2]:
         raise ValueError(f"mask {tuple(weight.shape)} must be [N, L] = {tuple(pred.shape[:2])}")
-    dtype = _dtype(pred, target)
+    dtype = compute_dtype(pred, target)
     with torch.autocast(device_type=pred.device.type, enabled=False):
         w = weight.to(dtype)
         per_patch = (pred.to(dtype) - target.to(dtype)).pow(2).mean(dim=-1)  # [N, L]
@@ -107,7 +104,7 @@ def mae_loss(
             f"pred must be [N, L, p² C] = {list(expected)} for images {tuple(imgs.shape)} and "
             f"patch_size {patch_size}, got {tuple(pred.shape)}"
         )
-    dtype = _dtype(imgs, pred)
+    dtype = compute_dtype(imgs, pred)
     with torch.autocast(device_type=imgs.device.type, enabled=False):
         target = patchify(imgs.to(dtype), patch_size)
         if norm_pix_loss:

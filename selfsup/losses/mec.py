@@ -68,44 +68,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mec_lamda_inv", "mec_loss", "mec_warmup_lamda_inv"]
+from selfsup.losses.checks import NORM_EPS, check_rows, compute_dtype, same_shapes
 
-_NORM_EPS = 1e-12
+__all__ = ["choose_form", "mec_lamda_inv", "mec_loss", "mec_warmup_lamda_inv"]
+
 Form = Literal["auto", "mm", "dd"]
-
-
-# ------------------------------------------------------------------ shared checks
-
-
-def _validate_rows(x: Tensor, name: str, loss_name: str) -> None:
-    """Check a non-empty ``[rows, features]`` floating tensor with finite values."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape [rows, features]; got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
-    if min(x.shape) == 0:
-        raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)} [rows, features]")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        n_bad = int((~torch.isfinite(x)).any(dim=1).sum())
-        raise FloatingPointError(
-            f"{name} contains NaN or Inf values (in {n_bad} of {x.shape[0]} rows, shape "
-            f"{tuple(x.shape)}); {loss_name} refuses to drop rows silently. Check the "
-            "learning rate, the precision settings and the inputs."
-        )
-
-
-def _same_shapes(named: dict[str, Tensor]) -> None:
-    shapes = {n: tuple(t.shape) for n, t in named.items()}
-    if len(set(shapes.values())) != 1:
-        desc = ", ".join(f"{n} {s}" for n, s in shapes.items())
-        raise ValueError(f"{', '.join(shapes)} must all have the same shape [rows, features]; got {desc}")
-
-
-def _compute_dtype(*xs: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half precision is upcast)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 # ---------------------------------------------------------------------- schedule
@@ -148,7 +115,7 @@ def mec_warmup_lamda_inv(step: int, warmup_steps: int, lamda_inv: float) -> floa
 # -------------------------------------------------------------------------- maths
 
 
-def _choose_form(m: int, d: int) -> Literal["mm", "dd"]:
+def choose_form(m: int, d: int) -> Literal["mm", "dd"]:
     """The cheaper form: ``m×m`` when ``m <= d``, else ``d×d`` (cost ∝ n²·(other) + n³)."""
     return "mm" if m <= d else "dd"
 
@@ -191,6 +158,7 @@ def mec_loss(
     order: int | None = 4,
     lamda_inv: float | Tensor | None = None,
     return_parts: bool = False,
+    form: Form = "auto",
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     r"""MEC loss ``−lamda_inv · [T(p1, z2) + T(p2, z1)] / (2m)`` (see the module docstring).
 
@@ -209,6 +177,8 @@ def mec_loss(
             ``m·eps_sq/d`` with ``m`` the rows passed in.
         return_parts: also return ``{"mec", "coding_length", "lamda_inv"}``:
             detached 0-d tensors, ``coding_length = (m + d)/2 · mec``.
+        form: the matrix the traces are taken on: ``"mm"`` (``m×m``), ``"dd"`` (``d×d``), equal in exact
+            arithmetic; ``"auto"`` takes the cheaper (:func:`choose_form`).
 
     Returns:
         A 0-d float32 tensor (float64 when an input is float64), or ``(loss, parts)``.
@@ -219,24 +189,6 @@ def mec_loss(
         TypeError: a non-tensor or non-floating input.
         FloatingPointError: an input contains NaN or Inf (the message names it).
     """
-    return _mec_loss(
-        z1, z2, p1, p2, eps_sq=eps_sq, order=order, lamda_inv=lamda_inv, return_parts=return_parts, form="auto"
-    )
-
-
-def _mec_loss(
-    z1: Tensor,
-    z2: Tensor,
-    p1: Tensor | None,
-    p2: Tensor | None,
-    *,
-    eps_sq: float,
-    order: int | None,
-    lamda_inv: float | Tensor | None,
-    return_parts: bool,
-    form: Form,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """:func:`mec_loss` with the matrix form selectable (``"mm"``/``"dd"`` for tests and benches)."""
     if order is not None and (isinstance(order, bool) or not isinstance(order, int) or order < 1):
         raise ValueError(
             f"order (the Taylor order K) must be an int >= 1, or None for the exact log det; got {order!r}"
@@ -247,8 +199,8 @@ def _mec_loss(
         raise ValueError("give both teacher outputs p1 and p2, or neither")
     named = {"z1": z1, "z2": z2} if p1 is None else {"z1": z1, "z2": z2, "p1": p1, "p2": p2}
     for name, t in named.items():
-        _validate_rows(t, name, "mec_loss")
-    _same_shapes(named)
+        check_rows(t, name, "mec_loss")
+    same_shapes(named)
     m, d = z1.shape
     if lamda_inv is None:
         lam_inv = mec_lamda_inv(m, d, eps_sq)
@@ -257,16 +209,16 @@ def _mec_loss(
         if not (math.isfinite(lam_inv) and lam_inv > 0):
             raise ValueError(f"lamda_inv must be finite and > 0, got {lamda_inv!r}")
     if form == "auto":
-        form = _choose_form(m, d)
-    dtype = _compute_dtype(*named.values())
+        form = choose_form(m, d)
+    dtype = compute_dtype(*named.values())
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        z1h = F.normalize(z1.to(dtype), dim=1, eps=_NORM_EPS)
-        z2h = F.normalize(z2.to(dtype), dim=1, eps=_NORM_EPS)
+        z1h = F.normalize(z1.to(dtype), dim=1, eps=NORM_EPS)
+        z2h = F.normalize(z2.to(dtype), dim=1, eps=NORM_EPS)
         if p1 is None:
             p1h, p2h = z1h, z2h
         else:
-            p1h = F.normalize(p1.to(dtype), dim=1, eps=_NORM_EPS)
-            p2h = F.normalize(p2.to(dtype), dim=1, eps=_NORM_EPS)
+            p1h = F.normalize(p1.to(dtype), dim=1, eps=NORM_EPS)
+            p2h = F.normalize(p2.to(dtype), dim=1, eps=NORM_EPS)
         lam = 1.0 / lam_inv
         mec = (_trace_series(p1h, z2h, lam, order, form) + _trace_series(p2h, z1h, lam, order, form)) / (2 * m)
         loss = -lam_inv * mec

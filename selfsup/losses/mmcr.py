@@ -33,36 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.losses.checks import NORM_EPS, check_floating, compute_dtype
+
 __all__ = ["mmcr_loss", "mmcr_momentum_loss"]
-
-_NORM_EPS = 1e-12
-
-
-def _validate(z: Tensor, name: str) -> None:
-    """Check the ``[B, V, D]`` layout, a floating dtype and finite values."""
-    if not isinstance(z, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 3:
-        raise ValueError(
-            f"{name} must have shape [B, V, D] (batch, views, features); "
-            f"got a {z.dim()}-D tensor of shape {tuple(z.shape)}"
-        )
-    if min(z.shape) == 0:
-        raise ValueError(f"{name} has an empty dimension: shape {tuple(z.shape)} [B, V, D]")
-    if not z.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
-    if not bool(torch.isfinite(z).all()):
-        n_bad = int((~torch.isfinite(z)).flatten(1).any(dim=1).sum())
-        raise FloatingPointError(
-            f"{name} contains NaN or Inf values (in {n_bad} of {z.shape[0]} samples, "
-            f"shape {tuple(z.shape)}); the MMCR loss refuses to drop rows silently. "
-            "Check the learning rate, the precision settings and the inputs."
-        )
-
-
-def _upcast(z: Tensor) -> Tensor:
-    """float64 stays float64; every other floating dtype becomes float32."""
-    return z if z.dtype == torch.float64 else z.float()
 
 
 def _local_nuclear(z_hat: Tensor) -> Tensor:
@@ -105,9 +78,9 @@ def mmcr_loss(z: Tensor, lmbda: float = 0.0, return_parts: bool = False) -> Tens
         TypeError: ``z`` is not a floating-point tensor.
         FloatingPointError: ``z`` contains NaN or Inf.
     """
-    _validate(z, "z")
+    check_floating(z, "z", "mmcr_loss", "[B, V, D]")
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z_hat = F.normalize(_upcast(z), dim=-1, eps=_NORM_EPS)
+        z_hat = F.normalize(z.to(compute_dtype(z)), dim=-1, eps=NORM_EPS)
         centroids = z_hat.mean(dim=1)  # [B, D], deliberately not re-normalised
         return _nuclear_objective(z_hat, centroids, lmbda, return_parts)
 
@@ -133,15 +106,15 @@ def mmcr_momentum_loss(
         lmbda: weight of the local term (online views only).
         return_parts: as in :func:`mmcr_loss`.
     """
-    _validate(z, "z")
-    _validate(z_ema, "z_ema")
+    check_floating(z, "z", "mmcr_loss", "[B, V, D]")
+    check_floating(z_ema, "z_ema", "mmcr_momentum_loss", "[B, V, D]")
     if z.shape != z_ema.shape:
         raise ValueError(
             f"z and z_ema must have the same shape [B, V, D]; got {tuple(z.shape)} and {tuple(z_ema.shape)}"
         )
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z_hat = F.normalize(_upcast(z), dim=-1, eps=_NORM_EPS)
-        ema_hat = F.normalize(_upcast(z_ema.detach()), dim=-1, eps=_NORM_EPS).to(z_hat.dtype)
+        z_hat = F.normalize(z.to(compute_dtype(z)), dim=-1, eps=NORM_EPS)
+        ema_hat = F.normalize(z_ema.detach().to(compute_dtype(z_ema)), dim=-1, eps=NORM_EPS).to(z_hat.dtype)
         centroids = 0.5 * (z_hat.mean(dim=1) + ema_hat.mean(dim=1))
         return _nuclear_objective(z_hat, centroids, lmbda, return_parts)
 

@@ -34,19 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.losses.mec import _compute_dtype, _validate_rows
+from selfsup.losses.checks import NORM_EPS, check_rows, compute_dtype
 
 __all__ = ["alignment", "effective_rank", "rankme", "singular_values", "uniformity"]
-
-_NORM_EPS = 1e-12
 
 
 def _prepare(z: Tensor, center: bool, normalize: bool, name: str) -> tuple[Tensor, Tensor]:
     """``(Ẑ, ||Z||_F)``: normalised-then-centred matrix and the norm before centring."""
-    _validate_rows(z, "z", name)
-    x = z.detach().to(_compute_dtype(z))
+    check_rows(z, "z", name)
+    x = z.detach().to(compute_dtype(z))
     if normalize:
-        x = F.normalize(x, dim=1, eps=_NORM_EPS)
+        x = F.normalize(x, dim=1, eps=NORM_EPS)
     scale = torch.linalg.vector_norm(x)
     if center:
         x = x - x.mean(dim=0, keepdim=True)
@@ -119,8 +117,8 @@ def alignment(views: Tensor, alpha: float = 2.0) -> Tensor:
     if views.dim() != 3 or views.shape[1] < 2:
         raise ValueError(f"alignment needs views [B, V, D] with V >= 2, got shape {tuple(views.shape)}")
     with torch.autocast(device_type=views.device.type, enabled=False):
-        _validate_rows(views.flatten(0, 1), "views", "alignment")
-        x = F.normalize(views.detach().to(_compute_dtype(views)), dim=2, eps=_NORM_EPS)
+        check_rows(views.flatten(0, 1), "views", "alignment")
+        x = F.normalize(views.detach().to(compute_dtype(views)), dim=2, eps=NORM_EPS)
         v = x.shape[1]
         a, b = torch.triu_indices(v, v, offset=1, device=x.device)
         d = (x[:, a] - x[:, b]).norm(dim=2)  # [B, pairs]
@@ -139,10 +137,10 @@ def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
     ``logsumexp`` so it never underflows.
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
-        _validate_rows(z, "z", "uniformity")
+        check_rows(z, "z", "uniformity")
         if z.shape[0] < 2:
             raise ValueError(f"uniformity needs at least 2 rows, got shape {tuple(z.shape)}")
-        x = F.normalize(z.detach().to(_compute_dtype(z)), dim=1, eps=_NORM_EPS)
+        x = F.normalize(z.detach().to(compute_dtype(z)), dim=1, eps=NORM_EPS)
         n = x.shape[0]
         sq = (2.0 - 2.0 * (x @ x.T)).clamp_min(0.0)  # ||x_i - x_j||^2 of unit rows
         off = ~torch.eye(n, dtype=torch.bool, device=x.device)

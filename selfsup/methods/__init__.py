@@ -7,6 +7,21 @@ from selfsup.methods.imle import IMLE
 from selfsup.methods.mae import MAE
 from selfsup.methods.mec import MEC
 from selfsup.methods.mmcr import MMCR
+from selfsup.methods.registry import available_methods, get_method, register_method
 from selfsup.methods.simclr import SimCLR
 
-__all__ = ["BYOL", "CAN", "IMLE", "MAE", "MEC", "MMCR", "Batch", "EMATeacher", "Method", "SimCLR"]
+__all__ = [
+    "BYOL",
+    "CAN",
+    "IMLE",
+    "MAE",
+    "MEC",
+    "MMCR",
+    "Batch",
+    "EMATeacher",
+    "Method",
+    "SimCLR",
+    "available_methods",
+    "get_method",
+    "register_method",
+]

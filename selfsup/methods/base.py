@@ -11,6 +11,9 @@ A method is an ``nn.Module`` with these duties:
 * ``on_train_step_end(step, max_steps)``: after each optimiser step; by default every declared teacher
   takes its EMA step;
 * optionally ``param_groups()``: parameter groups with their own ``lr_mult`` / ``weight_decay``;
+* class attributes: ``num_views`` / ``min_views`` (the views per image it trains on, checked by
+  :meth:`Method.check_views`) and ``tiny`` / ``tiny_variants`` (its smallest configurations, which the test suite's
+  smoke, DDP-gradient, spectrum and teacher tests build for every registered method);
 * optionally ``epoch_plan()``: a fixed example set per epoch (:class:`~selfsup.data.rounds.EpochPlan`). The
   engine then makes each example's views once per epoch, hands them to ``prepare_epoch`` before the epoch's
   first step (IMLE-SSL searches its latent codes there), and feeds the epoch's steps from that cache;
@@ -25,12 +28,13 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from selfsup import distributed
 from selfsup.models import BackboneSpec, backbone_spec, build_backbone
 
 __all__ = ["Batch", "EMATeacher", "EpochExamples", "Method", "check_views", "cosine_tau"]
@@ -143,7 +147,31 @@ class Method(nn.Module):
     Args:
         backbone: ``{name, kwargs}`` (or the flat ``{name, cifar_stem: true}``; see
             ``selfsup.models.backbone_spec``), e.g. ``{name: vit_tiny, kwargs: {img_size: 32, patch_size: 4}}``.
+
+    Class attributes a method sets:
+        num_views: views per image it takes, exactly (``None``: any number ``>= min_views``).
+        min_views: the fewest views per image it takes when ``num_views`` is ``None``.
+        tiny: ``init_args`` of its smallest configuration that still runs every code path (tiny backbone from
+            ``selfsup.models.TINY_RESNET`` / ``TINY_VIT``, narrow heads). The test suite builds it for every
+            registered method (smoke run of each cpu-small recipe, DDP gradient, spectrum seam, teachers).
+        tiny_variants: named overrides of ``tiny`` for code paths the default does not reach (MMCR:
+            ``{"momentum": {"momentum_tau": 0.9}}``); each is tested like ``tiny``.
+
+    Instance attributes the engine and :meth:`gather` read:
+        gather_distributed: under DDP, :meth:`gather` concatenates every rank's rows (default ``True``);
+            ``False``: each rank's loss sees its own rows only (per-GPU negatives / statistics).
+        gather_grad: ``"all"`` (default): the gather's backward hands each rank the gradient of its rows from every
+            rank's loss, so the DDP gradient equals the single-process one at the global batch; ``"local"``: other
+            ranks' rows are constants, as in official codes whose all-gather carries no gradient (1/W of it under
+            DDP's averaging).
     """
+
+    num_views: ClassVar[Optional[int]] = None
+    min_views: ClassVar[int] = 1
+    tiny: ClassVar[dict[str, Any]] = {}
+    tiny_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    gather_distributed: bool = True
+    gather_grad: Literal["all", "local"] = "all"
 
     def __init__(self, backbone: Optional[BackboneSpec] = None):
         super().__init__()
@@ -222,6 +250,18 @@ class Method(nn.Module):
             + "".join(f", {n}" for n in self._teacher_names)
         )
 
+    # ------------------------------------------------------------------------------ shared steps
+    def check_views(self, views: Tensor) -> tuple[int, int]:
+        """``(B, V)`` of a ``[B, V, C, H, W]`` view batch, checked against ``num_views`` / ``min_views``."""
+        return check_views(views, min_views=self.min_views, exact=self.num_views, method=type(self).__name__)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """``t`` (rows first) concatenated over ranks as ``gather_distributed`` / ``gather_grad`` say
+        (:func:`selfsup.distributed.gather`); ``t`` itself when not distributed or ``gather_distributed`` is off."""
+        if not self.gather_distributed:
+            return t
+        return distributed.gather(t, grad=self.gather_grad)
+
     # ------------------------------------------------------------------------------------ views
     def bind_view_maker(self, fn: Optional[Callable[..., Tensor]]) -> None:
         """Called by the engine: ``fn(images, step)`` is what :meth:`make_views` runs."""
@@ -243,13 +283,18 @@ class Method(nn.Module):
         return state
 
 
-def check_views(views: Tensor, min_views: int = 1) -> tuple[int, int]:
-    """Validate a ``[B, V, C, H, W]`` view batch and return ``(B, V)``."""
+def check_views(
+    views: Tensor, min_views: int = 1, exact: Optional[int] = None, method: str = "this method"
+) -> tuple[int, int]:
+    """Validate a ``[B, V, C, H, W]`` view batch and return ``(B, V)``: ``V == exact`` when given, else
+    ``V >= min_views``; ``method`` names the method in the error."""
     if views.dim() != 5:
         raise ValueError(f"expected views of shape [B, V, C, H, W], got {tuple(views.shape)}")
     b, v = views.shape[:2]
+    if exact is not None and v != exact:
+        raise ValueError(f"{method} takes exactly {exact} view{'s' * (exact != 1)} per image, got {v} (data.views)")
     if v < min_views:
-        raise ValueError(f"this method needs at least {min_views} views per image, got {v}")
+        raise ValueError(f"{method} needs at least {min_views} views per image, got {v} (data.views)")
     return b, v
 
 

@@ -19,10 +19,12 @@ from typing import Optional
 import torch
 
 from selfsup.losses import byol_loss
-from selfsup.methods.base import Batch, EMATeacher, Method, check_views
-from selfsup.models import MLP, BackboneSpec
+from selfsup.methods.base import Batch, EMATeacher, Method
+from selfsup.methods.registry import register_method
+from selfsup.models import MLP, TINY_RESNET, BackboneSpec
 
 
+@register_method
 class BYOL(Method):
     """BYOL.
 
@@ -32,6 +34,9 @@ class BYOL(Method):
         predictor_hidden: hidden width of the predictor (BYOL: 4096); its output width is the projector's.
         tau, final_tau: target EMA rate, half-cosine from ``tau`` to ``final_tau`` over the run.
     """
+
+    num_views = 2
+    tiny = {"backbone": TINY_RESNET, "projector": [16, 8], "predictor_hidden": 16}
 
     def __init__(
         self,
@@ -49,9 +54,7 @@ class BYOL(Method):
         self.add_teacher("teacher", target)
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        _, v = check_views(batch.views, min_views=2)
-        if v != 2:
-            raise ValueError(f"BYOL takes exactly 2 views per image, got {v}")
+        self.check_views(batch.views)
         x1, x2 = batch.views[:, 0], batch.views[:, 1]
         h1, h2 = self.backbone(x1), self.backbone(x2)
         y1, y2 = self.projector(h1), self.projector(h2)

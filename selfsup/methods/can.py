@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from selfsup import distributed
 from selfsup.losses import info_nce_loss
 from selfsup.losses.mae import mae_loss, masked_patch_mse
-from selfsup.methods.base import Batch, check_views
+from selfsup.methods.base import Batch
 from selfsup.methods.mae import MAE
+from selfsup.methods.registry import register_method
 from selfsup.models import BackboneSpec
 from selfsup.models.masked_vit import DecoderConfig, Masking, mae_init_, patchify, pool_tokens, random_masking
 
@@ -99,6 +99,7 @@ class CANDraw(NamedTuple):
         return CANDraw(self.masking.rows(index), self.sigma[index], self.eps[index])
 
 
+@register_method
 class CAN(MAE):
     """CAN on a registry ViT (MAE encoder and decoder, see :class:`~selfsup.methods.mae.MAE`).
 
@@ -115,9 +116,14 @@ class CAN(MAE):
         proj_dim: projector output width (128).
         pool_cls: the contrastive pool averages every encoder token including cls (public code) instead of the
             kept patch tokens only (paper).
-        gather_distributed: InfoNCE negatives from every rank (the public code used per-GPU negatives).
+        gather_distributed: InfoNCE negatives from every rank (default); ``false`` is **CAN parity**: the public
+            code's per-GPU negatives (each rank's InfoNCE over its own rows; changes results only with more than
+            one rank).
         init_from: start the encoder and decoder from pretrained MAE weights (see :class:`~selfsup.methods.mae.MAE`).
     """
+
+    num_views = 2
+    tiny = {**MAE.tiny, "proj_dim": 16}
 
     def __init__(
         self,
@@ -151,7 +157,7 @@ class CAN(MAE):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight_mae, self.weight_noise, self.weight_nce = float(weight_mae), float(weight_noise), float(weight_nce)
         self.temperature, self.pool_cls = float(temperature), bool(pool_cls)
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = bool(gather_distributed)
         d = self.num_features
         self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, int(proj_dim)))
         self.noise_mlp = nn.Sequential(nn.Linear(self.noise.embed_dim, d), nn.ReLU(inplace=True), nn.Linear(d, d))
@@ -183,9 +189,7 @@ class CAN(MAE):
 
     def forward_losses(self, views: Tensor, draw: CANDraw) -> dict[str, Any]:
         """All of CAN's terms for ``views [B, 2, C, H, W]`` under ``draw`` (``2B`` rows, sample-major)."""
-        b, v = check_views(views, min_views=2)
-        if v != 2:
-            raise ValueError(f"CAN takes exactly 2 views per image, got {v}")
+        b, _ = self.check_views(views)
         x = views.flatten(0, 1)  # [2B, C, H, W] clean, row 2b + v
         if draw.eps.shape != x.shape or draw.sigma.shape != (x.shape[0],):
             raise ValueError(
@@ -197,8 +201,7 @@ class CAN(MAE):
         tokens = self.decoder_tokens(latent)  # [2B, 1 + K, D]
 
         z = self.projector(self.contrastive_pool(tokens)).view(b, 2, -1)  # before the noise embedding
-        gather = distributed.gather if self.gather_distributed else (lambda t: t)
-        loss_nce = info_nce_loss(gather(z[:, 0]), gather(z[:, 1]), temperature=self.temperature)
+        loss_nce = info_nce_loss(self.gather(z[:, 0]), self.gather(z[:, 1]), temperature=self.temperature)
 
         pred = self.forward_decoder(tokens, draw.masking.restore, draw.sigma)  # [2B, L, p² C]
         mask = draw.masking.mask
@@ -221,8 +224,6 @@ class CAN(MAE):
 
     # ---------------------------------------------------------------------------------- duty
     def training_loss(self, batch: Batch) -> dict[str, Any]:
-        b, v = check_views(batch.views, min_views=2)
-        if v != 2:
-            raise ValueError(f"CAN takes exactly 2 views per image, got {v}")
+        b, v = self.check_views(batch.views)
         draw = self.draw(b * v, tuple(batch.views.shape[2:]), batch.generator)
         return self.forward_losses(batch.views, draw)

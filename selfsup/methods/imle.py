@@ -35,8 +35,9 @@ from torch import Tensor
 from selfsup.data.rounds import EpochPlan
 from selfsup.losses.imle import IMLEIncumbent, repeat_examples
 from selfsup.losses.mae import mae_loss
-from selfsup.methods.base import Batch, EpochExamples, check_views
+from selfsup.methods.base import Batch, EpochExamples
 from selfsup.methods.mae import MAE
+from selfsup.methods.registry import register_method
 from selfsup.models import BackboneSpec
 from selfsup.models.latent import LatentConfig, LatentInjector
 from selfsup.models.masked_vit import DecoderConfig, Masking, pool_tokens
@@ -45,6 +46,7 @@ from selfsup.precision import native_bf16
 __all__ = ["IMLE"]
 
 
+@register_method
 class IMLE(MAE):
     """IMLE-SSL on a registry ViT (defaults: the seed's README run).
 
@@ -63,6 +65,16 @@ class IMLE(MAE):
             with AVX-512-BF16 / AMX; fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``; scores are compared in fp32.
         shuffle: shuffle the example stream and each pass (``shuffle_data``).
     """
+
+    num_views = 1
+    tiny = {
+        **MAE.tiny,
+        "latent": {"inject": [[0, "adain"]], "code_dim": 8, "mapping": {"depth": 2, "hidden": 16}},
+        "examples_per_epoch": 48,
+        "num_codes": 4,
+        "codes_per_round": 2,
+    }
+    tiny_variants = {"mae_arm": {"ignore_codes": True}}
 
     def __init__(
         self,
@@ -134,9 +146,7 @@ class IMLE(MAE):
 
     def prepare_epoch(self, ex: EpochExamples) -> dict[str, float]:
         """Fix one mask per example and (IMLE arm) search each example's code."""
-        b, v = check_views(ex.views)
-        if v != 1:
-            raise ValueError(f"IMLE-SSL uses one view per example; data.views is {v}")
+        b, _ = self.check_views(ex.views)
         x = ex.views[:, 0]
         self._epoch = ex.epoch
         self._rows = {int(i): r for r, i in enumerate(ex.indices.tolist())}
@@ -220,7 +230,7 @@ class IMLE(MAE):
 
     # ------------------------------------------------------------------------------ training
     def training_loss(self, batch: Batch) -> dict[str, Any]:
-        check_views(batch.views)
+        self.check_views(batch.views)
         if self._masking is None:
             raise RuntimeError("IMLE trains in planned epochs: prepare_epoch must run first (the engine does)")
         try:

@@ -32,8 +32,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from selfsup.losses.mae import mae_loss
-from selfsup.methods.base import Batch, Method, check_views
-from selfsup.models import BackboneSpec
+from selfsup.methods.base import Batch, Method
+from selfsup.methods.registry import register_method
+from selfsup.models import TINY_VIT, BackboneSpec
 from selfsup.models.masked_vit import (
     DecoderConfig,
     MAEDecoder,
@@ -81,6 +82,7 @@ def _decoder_config(cfg: Union[DecoderConfig, Mapping[str, Any], None]) -> Decod
     raise TypeError(f"decoder must be a DecoderConfig or a mapping, got {type(cfg).__name__}")
 
 
+@register_method
 class MAE(Method):
     """Masked autoencoder on a registry ViT.
 
@@ -96,6 +98,8 @@ class MAE(Method):
             or the official MAE release's full checkpoint with decoder (``mae_pretrain_vit_base_full.pth``; keys
             converted, see :func:`selfsup.models.mae_weights.load_mae_weights`). Other modules keep their init.
     """
+
+    tiny = {"backbone": TINY_VIT, "decoder": {"width": 32, "depth": 1, "heads": 2}}
 
     def __init__(
         self,
@@ -198,7 +202,7 @@ class MAE(Method):
 
     # ---------------------------------------------------------------------------------- duty
     def training_loss(self, batch: Batch) -> dict[str, Any]:
-        b, v = check_views(batch.views)
+        b, v = self.check_views(batch.views)
         out = self.forward_loss(batch.views.flatten(0, 1), batch.generator)
         pooled = pool_tokens(self.backbone, out.latent).detach()  # the ViT's own pooling, on the kept tokens
         emb = pooled.view(b, v, -1) if v > 1 else pooled

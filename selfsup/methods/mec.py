@@ -32,13 +32,14 @@ from typing import Optional
 
 import torch
 
-from selfsup import distributed
 from selfsup.losses import mec_lamda_inv, mec_loss, mec_warmup_lamda_inv
 from selfsup.losses.spectrum import effective_rank
-from selfsup.methods.base import Batch, EMATeacher, Method, check_views
-from selfsup.models import MLP, BackboneSpec
+from selfsup.methods.base import Batch, EMATeacher, Method
+from selfsup.methods.registry import register_method
+from selfsup.models import MLP, TINY_RESNET, BackboneSpec
 
 
+@register_method
 class MEC(Method):
     """MEC with an EMA teacher (OFF-MEC).
 
@@ -54,6 +55,9 @@ class MEC(Method):
         tau, final_tau: teacher EMA rate, half-cosine from ``tau`` to ``final_tau`` (seed: 0.996 -> 1).
         gather_distributed: compute the loss over the global batch under DDP (as the seed).
     """
+
+    num_views = 2
+    tiny = {"backbone": TINY_RESNET, "dim": 16, "pred_dim": 8, "hidden_dim": 16}
 
     def __init__(
         self,
@@ -88,17 +92,14 @@ class MEC(Method):
         return float(mec_warmup_lamda_inv(step, warmup_steps, mec_lamda_inv(m, self.dim, self.eps_sq)))
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        _, v = check_views(batch.views, min_views=2)
-        if v != 2:
-            raise ValueError(f"MEC takes exactly 2 views per image, got {v}")
+        self.check_views(batch.views)
         x1, x2 = batch.views[:, 0], batch.views[:, 1]
         h1, h2 = self.backbone(x1), self.backbone(x2)  # two separate passes: BatchNorm statistics per view, as the seed
         y1, y2 = self.projector(h1), self.projector(h2)
         z1, z2 = self.predictor(y1), self.predictor(y2)
         with torch.no_grad():
             p1, p2 = self.teacher(x1), self.teacher(x2)
-        gather = distributed.gather if self.gather_distributed else (lambda t: t)
-        z1, z2, p1, p2 = gather(z1), gather(z2), gather(p1), gather(p2)
+        z1, z2, p1, p2 = self.gather(z1), self.gather(z2), self.gather(p1), self.gather(p2)
         lamda_inv = self.lamda_inv_at(z1.shape[0], batch.step, batch.steps_per_epoch)
         loss, parts = mec_loss(
             z1, z2, p1, p2, eps_sq=self.eps_sq, order=self.order, lamda_inv=lamda_inv, return_parts=True

@@ -17,12 +17,13 @@ from typing import Optional
 
 import torch
 
-from selfsup import distributed
 from selfsup.losses import info_nce_loss
-from selfsup.methods.base import Batch, Method, check_views
-from selfsup.models import MLP, BackboneSpec
+from selfsup.methods.base import Batch, Method
+from selfsup.methods.registry import register_method
+from selfsup.models import MLP, TINY_RESNET, BackboneSpec
 
 
+@register_method
 class SimCLR(Method):
     """SimCLR with a configurable projector and temperature.
 
@@ -33,6 +34,9 @@ class SimCLR(Method):
         temperature: NT-Xent temperature ``T``.
         gather_distributed: negatives from every rank (recommended; off = per-rank negatives).
     """
+
+    num_views = 2
+    tiny = {"backbone": TINY_RESNET, "projector": [16, 8]}
 
     def __init__(
         self,
@@ -50,11 +54,8 @@ class SimCLR(Method):
         self.gather_distributed = gather_distributed
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        b, v = check_views(batch.views, min_views=2)
-        if v != 2:
-            raise ValueError(f"SimCLR takes exactly 2 views per image, got {v}")
+        b, _ = self.check_views(batch.views)
         h = self.backbone(batch.views.flatten(0, 1))
         z = self.projector(h).view(b, 2, -1)  # sample-major rows
-        gather = distributed.gather if self.gather_distributed else (lambda t: t)
-        loss = info_nce_loss(gather(z[:, 0]), gather(z[:, 1]), temperature=self.temperature)
+        loss = info_nce_loss(self.gather(z[:, 0]), self.gather(z[:, 1]), temperature=self.temperature)
         return {"loss": loss, "embeddings": {"backbone": h.detach().reshape(b, 2, -1), "projector": z.detach()}}

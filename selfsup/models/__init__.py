@@ -2,6 +2,23 @@
 
 from selfsup.models import resnet, vit  # noqa: F401  (registers the builders)
 from selfsup.models.heads import MLP
-from selfsup.models.registry import BackboneSpec, available_backbones, backbone_spec, build_backbone, register_backbone
+from selfsup.models.registry import (
+    TINY_RESNET,
+    TINY_VIT,
+    BackboneSpec,
+    available_backbones,
+    backbone_spec,
+    build_backbone,
+    register_backbone,
+)
 
-__all__ = ["MLP", "BackboneSpec", "available_backbones", "backbone_spec", "build_backbone", "register_backbone"]
+__all__ = [
+    "MLP",
+    "TINY_RESNET",
+    "TINY_VIT",
+    "BackboneSpec",
+    "available_backbones",
+    "backbone_spec",
+    "build_backbone",
+    "register_backbone",
+]

@@ -102,3 +102,12 @@ def build_backbone(spec: BackboneSpec | Mapping[str, Any] | str | None = None, *
     ):
         raise TypeError(f"backbone '{s['name']}' must define an int num_features and no_weight_decay()")
     return model
+
+
+#: The smallest backbones of each family (tests, smoke runs, a method's ``tiny`` configuration): a ResNet-10 of
+#: width 8 with the CIFAR stem, and a one-block ViT of width 32 on 32 px images in 8 px patches.
+TINY_RESNET: dict[str, Any] = {"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 8}}
+TINY_VIT: dict[str, Any] = {
+    "name": "vit_tiny",
+    "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+}
