@@ -206,6 +206,39 @@ def _reconstruct_parser() -> ArgumentParser:
     return p
 
 
+def _recipes_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="List the recipes shipped with selfsup (`selfsup pretrain --config NAME` runs one).",
+        exit_on_error=False,
+    )
+    p.add_argument("names", nargs="*", type=str, help="print these recipes' YAML instead of the list")
+    p.add_argument("--method", type=Optional[str], default=None, help="only the recipes of this method (e.g. MMCR)")
+    return p
+
+
+def run_recipes(argv: list[str]) -> list[str]:
+    """One line per shipped recipe (name, method, dataset, backbone, summary), or the YAML of the named ones."""
+    from selfsup.recipes import available_recipes, recipe_info, resolve_recipe
+
+    cfg = _recipes_parser().parse_args(argv)
+    if cfg.names:
+        for name in cfg.names:
+            path = resolve_recipe(name)
+            print(f"# {path}\n{Path(path).read_text()}")
+        return list(cfg.names)
+    infos = [recipe_info(n) for n in available_recipes()]
+    if cfg.method:
+        infos = [i for i in infos if i.method.lower() == cfg.method.lower()]
+        if not infos:
+            raise ValueError(f"no shipped recipe uses method '{cfg.method}'")
+    width = max(len(i.name) for i in infos)
+    for i in infos:
+        head = f"{i.name:<{width}}  {i.method:<7} {i.dataset:<11} {i.backbone:<9} "
+        summary = i.summary if len(head) + len(i.summary) <= 160 else i.summary[: 157 - len(head)] + "..."
+        print(head + summary)
+    return [i.name for i in infos]
+
+
 def _demo_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="Pretrain MMCR on the CIFAR-10 sample shipped in the package and evaluate it.", exit_on_error=False
@@ -232,9 +265,28 @@ def _check_resume_file(trainer) -> Optional[str]:
     return path
 
 
+def recipe_paths(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config NAME`` that is not a file replaced by the shipped recipe's path
+    (:func:`selfsup.recipes.resolve_recipe`; an unknown name is a ``FileNotFoundError`` naming close recipes)."""
+    from selfsup.recipes import resolve_recipe
+
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            out += [arg, resolve_recipe(argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + resolve_recipe(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
 def run_pretrain(argv: list[str], extra_callbacks=()) -> dict:
     parser = _pretrain_parser()
-    cfg = parser.parse_args(argv)
+    cfg = parser.parse_args(recipe_paths(argv))
     if _check_resume_file(cfg.trainer) and getattr(cfg.method.init_args, "init_from", None):
         # a resumed run's weights come from its checkpoint: the initial weights' file is not needed (nor read) again
         cfg.method.init_args.init_from = None
@@ -769,6 +821,7 @@ COMMANDS = {
     "report": run_report,
     "select": run_select,
     "fewshot": run_fewshot,
+    "recipes": run_recipes,
 }
 
 

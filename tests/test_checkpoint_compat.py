@@ -88,3 +88,44 @@ def test_a_format_1_run_resumes_with_todays_engine(tmp_path):
     before = upgrade_checkpoint(_raw(V1_MOMENTUM))["state_dict"]
     moved = [k for k in before if not torch.equal(before[k], after["state_dict"][k])]
     assert any(k.startswith("method.teacher.backbone.") for k in moved)  # the teacher kept its EMA steps
+
+
+def test_format_2_imle_keeps_the_gain_it_was_trained_with(tmp_path, cifar_slice, capsys):
+    """Format 2 predates the seed's sqrt(2) equalised-lr gain: an IMLE checkpoint of that format is rebuilt with gain
+    1.0 (selfsup reconstruct) and a resume under the new default is refused by name; with the old gain it resumes."""
+    import json
+    import math
+
+    from selfsup.cli import main
+    from selfsup.methods import IMLE
+    from selfsup.reconstruct import load_method
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", "imle-cpu-small", "--data.dataset", "folder", "--data.root", str(cifar_slice)]
+    args += [f"--method.init_args.{k}={json.dumps(v)}" for k, v in IMLE.tiny.items()]
+    args += ["--data.batch_size", "16", "--trainer.logger", "none", "--trainer.progress_bar", "false"]
+    args += ["--monitor.every_n_epochs", "0", "--monitor.recon_every_n_epochs", "0", "--trainer.out_dir", str(run)]
+    assert main([*args, "--trainer.max_steps", "2"]) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    raw = _raw(last)
+    assert raw["selfsup"]["format"] == FORMAT == 3 and raw["selfsup"]["signature"] == {"mapping_gain": math.sqrt(2)}
+    # What selfsup wrote before format 3: no signature, no gain in the config.
+    raw["selfsup"]["format"] = 2
+    del raw["selfsup"]["signature"]
+    del raw["selfsup"]["config"]["method"]["init_args"]["latent"]["mapping"]["gain"]
+    torch.save(raw, last)
+    assert checkpoint_meta(last)["signature"] == {"mapping_gain": 1.0}
+    method, _ = load_method(last)
+    gains = {
+        layer.scale * math.sqrt(layer.in_features) / layer.lr_mul
+        for layer in method.modules()
+        if hasattr(layer, "lr_mul")
+    }
+    assert gains and all(g == pytest.approx(1.0) for g in gains)
+    capsys.readouterr()
+    assert main([*args, "--trainer.max_steps", "4", "--trainer.resume", "true"]) == 1
+    err = capsys.readouterr().err
+    assert "mapping_gain = 1.0" in err and "latent.mapping.gain" in err
+    resumed = [*args, "--trainer.max_steps", "4", "--trainer.resume", "true"]
+    assert main([*resumed, "--method.init_args.latent.mapping.gain", "1.0"]) == 0
+    assert _raw(last)["global_step"] == 4

@@ -67,16 +67,6 @@ def test_unknown_backbone_is_named(tmp_path, cifar_slice, capsys):
     assert "resnet9000" in err and "resnet18" in err
 
 
-def test_every_recipe_parses():
-    from selfsup.cli import _pretrain_parser
-
-    recipes = sorted(Path("recipes").glob("*.yaml"))
-    assert len(recipes) >= 7
-    for r in recipes:
-        cfg = _pretrain_parser().parse_args(["--config", str(r)])
-        assert cfg.method.class_path.rsplit(".", 1)[-1] in {"MMCR", "MEC", "SimCLR", "BYOL", "MAE", "CAN", "IMLE"}, r
-
-
 def test_missing_dataset_path_is_named(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "cifar.zip"
     args = ["pretrain", *TINY, "--data.root", str(missing), "--trainer.out_dir", str(tmp_path / "run")]

@@ -213,3 +213,22 @@ def test_make_views_is_one_keyed_call_the_method_can_make(mode):
     torch.testing.assert_close(module.make_views(images, 5), a, rtol=0, atol=0)  # the engine's own call
     assert not torch.equal(method.make_views(images, 6), a)  # another step: other views
     assert not torch.equal(module.make_views(images, 5, micro=1), a)  # another micro-batch: other views
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_a_run_stopped_by_max_steps_inside_an_epoch_continues_that_epoch(tmp_path, cifar_slice):
+    """``--trainer.max_steps 3`` ends inside epoch 0 (8 batches of 25): raising max_steps and resuming continues the
+    same epoch at its 4th batch, so (constant lr) the result equals the run of 6 steps without a stop. Lightning alone
+    would mark the epoch processed and resume at epoch 1, skipping 5 batches."""
+    args = [*BASE, *MODES["batched"], "--data.root", str(cifar_slice), "--optim.schedule", "constant"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["pretrain", *args, "--trainer.max_steps", "6", "--trainer.out_dir", str(a)]) == 0
+    assert main(["pretrain", *args, "--trainer.max_steps", "3", "--trainer.out_dir", str(b)]) == 0
+    resume = ["--trainer.max_steps", "6", "--trainer.out_dir", str(b), "--trainer.resume", "true"]
+    assert main(["pretrain", *args, *resume]) == 0
+    wa, wb = _weights(a), _weights(b)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=f"resumed run differs at {k}")

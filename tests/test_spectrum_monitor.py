@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_cases import make_batch, method_cases, random_views, step_outputs
 
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
 from selfsup.engine.pretrain import pretrain
 from selfsup.engine.spectrum import SpectrumMonitor, as_views, spectrum_stats
 from selfsup.losses.spectrum import alignment, effective_rank, rankme, uniformity
-from selfsup.methods import BYOL, MEC, MMCR, SimCLR
+from selfsup.methods import BYOL, MEC, MMCR
 
 TINY_BACKBONE = {"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 8}}
 B, D = 20, 8
@@ -83,42 +84,35 @@ def test_spectrum_stats_of_each_embedding_form():
         SpectrumMonitor(0)
 
 
-@pytest.mark.parametrize(
-    "cls,kwargs",
-    [
-        (MMCR, {"projector": [16, 8]}),
-        (SimCLR, {"projector": [16, 8]}),
-        (BYOL, {"projector": [16, 8], "predictor_hidden": 16}),
-        (MEC, {"dim": 8, "pred_dim": 4, "hidden_dim": 16}),
-    ],
-)
-def test_every_method_returns_detached_embeddings_of_the_step(cls, kwargs):
-    from selfsup.methods.base import Batch
-
-    torch.manual_seed(0)
-    method = cls(backbone=TINY_BACKBONE, **kwargs)
-    views = torch.randn(6, 2, 3, 32, 32)
-    batch = Batch(
-        views=views,
-        labels=torch.zeros(6, dtype=torch.long),
-        indices=torch.arange(6),
-        step=0,
-        max_steps=10,
-        epoch=0,
-        generator=torch.Generator().manual_seed(0),
-        steps_per_epoch=10,
-    )
-    out = method.training_loss(batch)
+@pytest.mark.parametrize("case", method_cases(), ids=lambda c: c.id)
+def test_every_method_returns_detached_embeddings_of_the_step(case):
+    """Every registered method (tiny configuration, from the registry) hands the monitor the step's own features."""
+    method = case.build().train()
+    views = random_views(case.cls)
+    b, v = views.shape[:2]
+    out = step_outputs(method, make_batch(views))
     emb = out["embeddings"]
-    assert set(emb) == {"backbone", "projector"}
-    h, z = as_views(emb["backbone"]), as_views(emb["projector"])
-    assert h.shape == (6, 2, method.num_features) and z.shape == (6, 2, 8)
-    assert not h.requires_grad and not z.requires_grad
-    # The backbone entry is the backbone's own output for view 0 (no extra pass; train-mode BN per call).
-    if cls in (BYOL, MEC):  # separate passes per view: recomputing view 0 alone gives the same features
+    assert "backbone" in emb, f"{case.id}: return embeddings['backbone'] (the pooled backbone features)"
+    for name, value in emb.items():
+        z = as_views(value, name)
+        assert z.shape[0] == b and z.shape[1] in (1, v), (case.id, name, tuple(z.shape))
+        assert not z.requires_grad, f"{case.id}: embeddings['{name}'] must be detached"
+        assert torch.isfinite(z).all()
+    assert as_views(emb["backbone"]).shape[-1] == method.num_features
+    stats, _ = spectrum_stats(emb)  # the monitor accepts every form the method returns
+    assert all(math.isfinite(x) for x in stats.values())
+    assert not {k for k, val in out.items() if k != "embeddings" and getattr(val, "requires_grad", False)} - {"loss"}
+
+
+def test_separate_pass_methods_report_the_backbone_features_of_view_0():
+    """BYOL / MEC run one backbone pass per view: recomputing view 0 alone gives the same features (no extra pass,
+    train-mode BN per call)."""
+    for cls, kwargs in ((BYOL, BYOL.tiny), (MEC, MEC.tiny)):
+        torch.manual_seed(0)
+        method = cls(**kwargs)
+        views = torch.randn(6, 2, 3, 32, 32)
+        h = as_views(step_outputs(method, make_batch(views))["embeddings"]["backbone"])
         torch.testing.assert_close(h[:, 0], method.backbone(views[:, 0]).detach())
-    if cls is MEC:
-        assert "effective_rank" in out  # MEC's own per-step log stays
 
 
 # ------------------------------------------------------------------------------------- in a real run

@@ -8,7 +8,11 @@ evaluation, export and resume read every checkpoint selfsup ever wrote:
 
 * format 1 (first MMCR release): flat ``backbone_config``, ``backbone_prefix``, ``feature_dim``, and the
   momentum branch as ``method.momentum.copies.{0,1}.*`` (backbone, projector), which format 2 declares as
-  the teacher ``method.teacher.{backbone,projector}.*``.
+  the teacher ``method.teacher.{backbone,projector}.*``;
+* format 2: no ``signature`` (:meth:`selfsup.methods.Method.checkpoint_signature`). IMLE's mapping networks then
+  computed with an equalised-lr gain of 1.0 (the seed's, since format 3, is sqrt(2)): the upgrade records
+  ``signature.mapping_gain = 1.0`` and writes ``gain: 1.0`` into the stored config, so an old IMLE checkpoint is
+  rebuilt as it was trained (``selfsup reconstruct``) and a resume with the new default is refused by name.
 
 A checkpoint is first written to a temporary file in the same directory, flushed to disk
 (``fsync``) and then renamed over the target, so a crash or a kill never leaves a half-written
@@ -29,7 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from selfsup.models.registry import backbone_spec
 
 CHECKPOINT_KEY = "selfsup"
-FORMAT = 2
+FORMAT = 3
 _V1_TEACHER = {
     "method.momentum.copies.0.": "method.teacher.backbone.",
     "method.momentum.copies.1.": "method.teacher.projector.",
@@ -62,8 +66,26 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
         if any(k.startswith("method.teacher.backbone.") for k in renamed):
             meta["backbones"]["teacher"] = "method.teacher.backbone."
         meta["num_features"] = meta.pop("feature_dim", None)
-        meta["format"] = FORMAT
+        version = 2
+    if version == 2:
+        meta["signature"] = {}
+        if meta.get("method") == "IMLE":
+            _legacy_mapping_gain(meta)
+    meta["format"] = FORMAT
     return checkpoint
+
+
+def _legacy_mapping_gain(meta: dict) -> None:
+    """A format-2 IMLE checkpoint: its mapping networks computed with gain 1.0 (see the module docstring)."""
+    init = ((meta.get("config") or {}).get("method") or {}).get("init_args")
+    if isinstance(init, dict) and init.get("ignore_codes"):
+        return  # the MAE arm: no mapping network
+    meta["signature"]["mapping_gain"] = 1.0
+    if isinstance(init, dict):
+        latent = init.get("latent")
+        latent = dict(latent) if isinstance(latent, dict) else {}
+        latent["mapping"] = {**(latent.get("mapping") or {}), "gain": 1.0}
+        init["latent"] = latent
 
 
 def check_compatible(saved: dict, current: dict, path: str = "the checkpoint") -> None:
@@ -76,6 +98,14 @@ def check_compatible(saved: dict, current: dict, path: str = "the checkpoint") -
             f"{path} holds {saved.get('method')} with backbone {saved.get('backbone')}, which differs from the "
             f"configured {current['method']} with backbone {current['backbone']}; resume with the run's own config"
         )
+    saved_sig, current_sig = saved.get("signature") or {}, current.get("signature") or {}
+    for key in sorted(set(saved_sig) & set(current_sig)):
+        if saved_sig[key] != current_sig[key]:
+            hint = " (--method.init_args.latent.mapping.gain)" if key == "mapping_gain" else ""
+            raise ValueError(
+                f"{path} was trained with {key} = {saved_sig[key]}, the configured run has {current_sig[key]}{hint}; "
+                "resume with the value the checkpoint was trained with, or start a new run"
+            )
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -255,6 +255,7 @@ class SelfSupModule(L.LightningModule):
             "backbone": dict(self.method.backbone_spec),
             "backbones": backbones,
             "num_features": int(self.method.num_features),
+            "signature": dict(self.method.checkpoint_signature()),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -283,6 +284,7 @@ class SelfSupModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_checkpoint(checkpoint)  # format 1 -> current, in place (keys of the teacher, backbone spec)
         check_compatible(checkpoint[CHECKPOINT_KEY], self.checkpoint_meta())
+        _resume_inside_the_epoch(checkpoint)
         states = checkpoint.get(RANK_STATE_KEY)
         if states:
             if len(states) == self.trainer.world_size:
@@ -299,6 +301,21 @@ class SelfSupModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             random.setstate(_py_state_from_tensor(rng["python"]))
             np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+
+
+def _resume_inside_the_epoch(checkpoint: dict) -> None:
+    """A run stopped by ``max_steps`` inside an epoch leaves Lightning's epoch "processed" but not completed, and
+    Lightning would resume at the next epoch, skipping the rest of this one (and a planned epoch's prepared examples
+    would no longer match the loader). The data module's state says how many of the epoch's batches were trained on:
+    when some remain, mark the epoch as not processed, so Lightning resumes inside it, as after a step checkpoint."""
+    data = next((v for k, v in checkpoint.items() if k.endswith("SelfSupData") and isinstance(v, dict)), None)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    if not data or not progress or int(data.get("consumed_batches", 0)) == 0:
+        return
+    for part in ("total", "current"):
+        p = progress[part]
+        if p["processed"] == p["completed"] + 1 and p["started"] == p["processed"]:
+            p["processed"] = p["completed"]
 
 
 def _py_state_to_tensor(state: tuple) -> Tensor:

@@ -223,6 +223,11 @@ class Method(nn.Module):
     def load_rank_state(self, state: dict[str, Tensor]) -> None:
         """Restore what :meth:`rank_state` returned (before :meth:`prepare_epoch` of the resumed epoch)."""
 
+    def checkpoint_signature(self) -> dict[str, Any]:
+        """What the weights compute with that the state dict does not hold (e.g. IMLE's equalised-lr gain): stored
+        in every checkpoint, and a resume whose method differs in one of these values is refused by name."""
+        return {}
+
     # --------------------------------------------------------------------------------- teachers
     def add_teacher(self, name: str, teacher: EMATeacher) -> EMATeacher:
         """Declare ``teacher`` under ``name`` (``export --which NAME`` and the kNN monitor find it)."""

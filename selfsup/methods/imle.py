@@ -125,6 +125,11 @@ class IMLE(MAE):
         self._restored: Optional[dict[str, Tensor]] = None
 
     # ------------------------------------------------------------------------------ the engine's seams
+    def checkpoint_signature(self) -> dict[str, Any]:
+        """The mapping networks' equalised-lr gain (``latent.mapping.gain``): checkpoints before format 3 computed
+        with 1.0, and a resume must keep the gain its weights were trained with."""
+        return {} if self.latent is None else {"mapping_gain": float(self.latent.config.mapping.gain)}
+
     def epoch_plan(self) -> EpochPlan:
         return self.plan
 

@@ -40,7 +40,7 @@ class MMCR(Method):
 
     min_views = 2  # one view per image has no manifold to compress
     tiny = {"backbone": TINY_RESNET, "projector": [16, 8]}
-    tiny_variants = {"momentum": {"momentum_tau": 0.9}}
+    tiny_variants = {"momentum": {"momentum_tau": 0.9}, "seed_gather": {"gather_grad": "local"}}
 
     def __init__(
         self,

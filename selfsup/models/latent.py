@@ -19,12 +19,15 @@ Defaults are IMLE-R's (the code behind the README's published runs): ε = 1e-8, 
 LeakyReLU after the last layer, s and g used raw. ``MappingConfig.imle_h()`` gives IMLE-H's form (no final
 activation, centred s, ReLU'd g) **without** its lr multiplier 1e-5, which freezes the net (spec §7).
 
-**Equalised learning rate** (StyleGAN, :class:`EqualLinear`): the stored weight is ``w_s ~ N(0, 1) / m``
-and the layer uses ``w = w_s · m / sqrt(in)``; the stored bias is ``b_s = b_init / m``, used as
-``b = b_s · m`` (``m`` = lr multiplier). At initialisation ``w ~ N(0, 1/in)`` whatever ``m`` is, but a
-gradient step of size ``η`` on ``w_s`` moves ``w`` by ``η · m / sqrt(in)`` per unit step: SGD changes ``w``
-by ``η m² / in · ∂L/∂w``, Adam (whose step on ``w_s`` is about ``η`` per coordinate) by about
-``η m / sqrt(in)``. The net's optimiser group may get its own ``lr_mult`` on top
+**Equalised learning rate** (StyleGAN, :class:`EqualLinear`, the seeds' ``EqualizedLinear``): the stored
+weight is ``w_s ~ N(0, 1) / m`` and the layer uses ``w = w_s · γ · m / sqrt(in)``; the stored bias is
+``b_s = b_init / m``, used as ``b = b_s · m`` (``m`` = lr multiplier, ``γ`` = gain, StyleGAN's He gain
+``sqrt(2)`` as in the seeds: ``γ / sqrt(in)`` is their "He-std"). At initialisation ``w ~ N(0, γ²/in)``
+whatever ``m`` is, but a gradient step of size ``η`` on ``w_s`` moves ``w`` by ``η · γ m / sqrt(in)`` per
+unit step: SGD changes ``w`` by ``η γ² m² / in · ∂L/∂w``, Adam (whose step on ``w_s`` is about ``η`` per
+coordinate) by about ``η γ m / sqrt(in)``. (Before ``MappingConfig.gain`` existed selfsup used ``γ = 1``:
+an 8-layer net's output was ``sqrt(2)⁸ = 16`` times smaller at init than the seeds'; ``gain: 1.0``
+reproduces it.) The net's optimiser group may get its own ``lr_mult`` on top
 (:meth:`LatentInjector.param_group`; the seeds' ``--lr_z``).
 
 **The encoder stays a plain timm ViT.** :class:`LatentInjector` is a separate module (its parameters
@@ -89,6 +92,11 @@ class MappingConfig:
         depth: linear layers (>= 1): ``d -> hidden -> ... -> hidden -> 2C``.
         hidden: width of the hidden layers.
         lr_mul: equalised-lr multiplier ``m`` of every layer (StyleGAN's mapping net and IMLE-R: 0.01).
+        gain: equalised-lr gain ``γ`` of every layer (:class:`EqualLinear`: ``w = w_s · γ · m / sqrt(in)``):
+            ``sqrt(2)``, the StyleGAN He gain for LeakyReLU, as the seeds' ``EqualizedLinear``. ``gain: 1.0``
+            reproduces selfsup's earlier (wrong) behaviour, for runs and checkpoints made before this field existed
+            (their config has no ``gain``; at the same stored weights and zero biases their ``depth``-layer net's
+            output is ``sqrt(2)^depth`` times smaller).
         eps: PixelNorm's ε (IMLE-R 1e-8; IMLE-H uses 0, kept > 0 here so a zero code cannot divide by 0).
         final_activation: LeakyReLU(0.2) after the last layer too (IMLE-R); False = raw output (IMLE-H).
         center: IMLE-H: ``s <- s − s̄``, ``g <- ReLU(g − ḡ)`` with ``s̄, ḡ`` the mean outputs over
@@ -100,6 +108,7 @@ class MappingConfig:
     depth: int = 8
     hidden: int = 512
     lr_mul: float = 0.01
+    gain: float = math.sqrt(2)
     eps: float = 1e-8
     final_activation: bool = True
     center: bool = False
@@ -113,6 +122,8 @@ class MappingConfig:
             raise ValueError(f"mapping.hidden must be an integer >= 1, got {self.hidden}")
         if not (self.lr_mul > 0 and math.isfinite(self.lr_mul)):
             raise ValueError(f"mapping.lr_mul must be a finite number > 0, got {self.lr_mul}")
+        if not (self.gain > 0 and math.isfinite(self.gain)):
+            raise ValueError(f"mapping.gain must be a finite number > 0, got {self.gain}")
         if self.eps < 0:
             raise ValueError(f"mapping.eps must be >= 0, got {self.eps}")
         if self.center and self.center_codes < 1:
@@ -194,27 +205,43 @@ def parse_inject_spec(spec: InjectSpec, depth: int) -> list[tuple[int, str]]:
 
 # ----------------------------------------------------------------------------------------- layers
 class EqualLinear(nn.Module):
-    r"""Linear layer with StyleGAN's equalised learning rate.
+    r"""Linear layer with StyleGAN's equalised learning rate (the seeds' ``EqualizedLinear``).
 
-    Stored ``weight [out, in] ~ N(0, 1) / m`` and ``bias [out] = b_init / m``; the forward uses
-    ``x @ (weight · m / sqrt(in))ᵀ + bias · m``. ``m = lr_mul``.
+    Stored ``weight [out, in] ~ N(0, 1) / m`` and ``bias [out] = b_init / m``; the forward computes
+
+        y = x @ (w · g · m / sqrt(in))ᵀ + b · m
+
+    with ``w, b`` the stored parameters, ``m = lr_mul`` and ``g = gain`` (default ``sqrt(2)``: StyleGAN's He gain
+    for LeakyReLU, so ``g / sqrt(in)`` is the seeds' "He-std"). The effective weight starts ``~ N(0, g²/in)``
+    whatever ``m`` is; an SGD step of lr ``η`` moves it by ``−η · (g m / sqrt(in))² · ∂L/∂W_eff``.
+    ``gain=1.0`` is selfsup's earlier (wrong) form.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, lr_mul: float = 1.0, bias: bool = True, bias_init: float = 0.0
+        self,
+        in_features: int,
+        out_features: int,
+        lr_mul: float = 1.0,
+        bias: bool = True,
+        bias_init: float = 0.0,
+        gain: float = math.sqrt(2),
     ):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"EqualLinear needs positive sizes, got {in_features} -> {out_features}")
         if not lr_mul > 0:
             raise ValueError(f"EqualLinear: lr_mul must be > 0, got {lr_mul}")
+        if not (gain > 0 and math.isfinite(gain)):
+            raise ValueError(f"EqualLinear: gain must be a finite number > 0, got {gain}")
         self.in_features, self.out_features, self.lr_mul = int(in_features), int(out_features), float(lr_mul)
+        self.gain = float(gain)
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / self.lr_mul)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init) / self.lr_mul)) if bias else None
-        self.scale = self.lr_mul / math.sqrt(in_features)
+        #: the run-time weight multiplier ``g · m / sqrt(in)`` (StyleGAN's ``w_mul = he_std · lrmul``)
+        self.scale = self.gain * self.lr_mul / math.sqrt(in_features)
 
     def effective_weight(self) -> Tensor:
-        """The weight the layer computes with, ``weight · m / sqrt(in)`` ``[out, in]``."""
+        """The weight the layer computes with, ``weight · g · m / sqrt(in)`` ``[out, in]``."""
         return self.weight * self.scale
 
     def effective_bias(self) -> Optional[Tensor]:
@@ -225,7 +252,10 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.effective_weight(), self.effective_bias())
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, lr_mul={self.lr_mul}, bias={self.bias is not None}"
+        return (
+            f"{self.in_features}, {self.out_features}, lr_mul={self.lr_mul}, gain={self.gain:.6g}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class PixelNorm(nn.Module):
@@ -244,7 +274,7 @@ class PixelNorm(nn.Module):
 
 class MappingNetwork(nn.Module):
     """``PixelNorm -> [EqualLinear -> LeakyReLU(0.2)] x (depth - 1) -> EqualLinear [-> LeakyReLU(0.2)]``,
-    ``[N, d] -> [N, out_dim]`` (see :class:`MappingConfig`)."""
+    ``[N, d] -> [N, out_dim]`` (see :class:`MappingConfig`; every layer gets its ``lr_mul`` and ``gain``)."""
 
     def __init__(self, code_dim: int, out_dim: int, config: Optional[MappingConfig] = None):
         super().__init__()
@@ -252,7 +282,9 @@ class MappingNetwork(nn.Module):
         self.config, self.code_dim, self.out_dim = cfg, int(code_dim), int(out_dim)
         self.norm = PixelNorm(cfg.eps)
         widths = [code_dim] + [cfg.hidden] * (cfg.depth - 1) + [out_dim]
-        self.layers = nn.ModuleList(EqualLinear(a, b, lr_mul=cfg.lr_mul) for a, b in itertools.pairwise(widths))
+        self.layers = nn.ModuleList(
+            EqualLinear(a, b, lr_mul=cfg.lr_mul, gain=cfg.gain) for a, b in itertools.pairwise(widths)
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         if z.shape[-1] != self.code_dim:
