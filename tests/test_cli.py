@@ -71,8 +71,12 @@ def test_missing_dataset_path_is_named(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "cifar.zip"
     args = ["pretrain", *TINY, "--data.root", str(missing), "--trainer.out_dir", str(tmp_path / "run")]
     assert main(args) == 1
-    assert str(missing) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"dataset root '{missing}' does not exist" in err and "cifar-10-batches-py" not in err  # the file itself
     assert not (tmp_path / "run" / "checkpoints").exists()
+    for dataset in ("folder", "stl10", "imagenet"):
+        assert main([*args, "--data.dataset", dataset]) == 1
+        assert str(missing) in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_wrong_checkpoints_are_named(tmp_path, capsys):

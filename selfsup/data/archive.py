@@ -38,7 +38,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-__all__ = ["Archive", "CorruptImageError", "PathLike", "is_archive_file", "is_hidden"]
+__all__ = ["Archive", "CorruptImageError", "PathLike", "has_archive_suffix", "is_archive_file", "is_hidden"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -64,9 +64,14 @@ def is_hidden(parts: Sequence[str]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
+def has_archive_suffix(p: Path) -> bool:
+    """``p``'s name ends like a zip or tar archive (whether or not it exists)."""
+    return Path(p).name.lower().endswith(_ZIP_SUFFIXES + _TAR_SUFFIXES)
+
+
 def is_archive_file(p: Path) -> bool:
     """``p`` is a file whose name ends like a zip or tar archive."""
-    return p.is_file() and p.name.lower().endswith(_ZIP_SUFFIXES + _TAR_SUFFIXES)
+    return p.is_file() and has_archive_suffix(p)
 
 
 def _normalize_member(name: str) -> str:

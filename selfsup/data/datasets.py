@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from selfsup.data.archive import CorruptImageError, PathLike, is_archive_file
+from selfsup.data.archive import CorruptImageError, PathLike, has_archive_suffix, is_archive_file
 from selfsup.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, has_image_folder_layout, read_class_list
 from selfsup.data.memory import TensorImageDataset, load_uint8
 from selfsup.data.torchvision_sets import TorchvisionDataset, torchvision_dataset
@@ -110,6 +110,11 @@ def build_dataset(
         )
     if class_list is not None:
         raise ValueError("class_list is only supported for ImageFolder datasets (folder / .zip / .tar)")
+    if not root_p.exists() and (not download or has_archive_suffix(root_p)):
+        raise FileNotFoundError(
+            f"dataset root '{root_p}' does not exist (data.root: {key} reads an ImageFolder .zip / .tar / directory "
+            f"there, or torchvision's files{'' if download else '; data.download true fetches them into a folder'})"
+        )
     return torchvision_dataset(key, root_p, split, transform, download)
 
 
