@@ -201,3 +201,33 @@ def test_scheduler_state_dict_round_trip() -> None:
     # The factor itself pickles (needed e.g. for spawn-based launchers).
     fac = pickle.loads(pickle.dumps(WarmupSchedule(30, 6, 0.01)))
     assert fac(29) == pytest.approx(0.01)
+
+
+def test_timm_lars_is_the_larc_form_not_the_seeds() -> None:
+    """Why LARS is our own (see its docstring): timm's Lars, given the same exclusion by groups, takes a different
+    first step when wd > 0 (trust ratio η||w|| / (||g|| + wd||w||) instead of η||w|| / ||g + wd·w||), and the same
+    one at wd = 0."""
+    from timm.optim import Lars
+
+    for wd, same in ((0.1, False), (0.0, True)):
+        ours, theirs = _two_params(), _two_params()
+        opt_ours = LARS(list(ours), lr=0.5, weight_decay=wd, momentum=0.9, eta=0.01)
+        groups = [
+            {"params": [theirs[0]], "weight_decay": wd, "always_adapt": True},
+            {"params": [theirs[1]], "weight_decay": 0.0, "always_adapt": False},  # 1-D: no decay, no adaptation
+        ]
+        opt_timm = Lars(groups, lr=0.5, momentum=0.9, trust_coeff=0.01, eps=0.0)
+        _set_grads(*ours)
+        _set_grads(*theirs)
+        opt_ours.step()
+        opt_timm.step()
+        torch.testing.assert_close(ours[1].detach(), theirs[1].detach())  # the excluded bias agrees
+        # weight, by hand: g + wd·w = [[1, 0], [0, 0]]; ours q = 0.01·5/1, timm q = 0.01·5/(||g|| + 0.1·5)
+        g_norm = math.hypot(0.7, 0.4)
+        q_timm = 0.01 * 5 / (g_norm + wd * 5)
+        expected = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+        expected_timm = expected - 0.5 * q_timm * torch.tensor(
+            [[0.7 + wd * 3, 0.0], [0.0, -0.4 + wd * 4]], dtype=torch.float64
+        )
+        torch.testing.assert_close(theirs[0].detach(), expected_timm)
+        assert torch.allclose(ours[0].detach(), theirs[0].detach()) is same

@@ -63,6 +63,13 @@ class LARS(Optimizer):
     ``exclude_1d`` is True and ``p.ndim <= 1`` (biases, BatchNorm weights).
     ``lars_exclude=False`` on a group forces adaptation for all its parameters.
 
+    Why not ``timm.optim.Lars``: it expresses the exclusion (a group with ``weight_decay=0`` and
+    ``always_adapt=False`` is neither decayed nor adapted), but its trust ratio is NVIDIA's LARC form
+    ``η·||p|| / (||g|| + wd·||p|| + eps)``, not the Barlow-Twins form ``η·||p|| / ||g + wd·p||`` that OFF-MMCR
+    ImageNet trains with (spec: "LARS (Barlow-Twins form)"). With ``wd > 0`` the two differ by the triangle
+    inequality (``tests/test_optim.py::test_timm_lars_is_the_larc_form_not_the_seeds`` shows a step where they do);
+    at ``wd = 0`` they agree up to timm's ``eps``.
+
     Args:
         params: parameters or parameter groups (groups may set any option).
         lr: learning rate.
