@@ -232,3 +232,37 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_continues_that_epoch(tmp_pat
     wa, wb = _weights(a), _weights(b)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=f"resumed run differs at {k}")
+
+
+def test_global_random_states_are_saved_and_restored(tmp_path):
+    """torch / Python / NumPy global random states go into the checkpoint and come back on load (a method or callback
+    drawing from them continues as without the stop), through a real file and a weights-only load."""
+    import random
+
+    import numpy as np
+
+    from selfsup.engine.config import OptimConfig
+    from selfsup.engine.module import SelfSupModule
+    from selfsup.methods import MMCR
+
+    module = SelfSupModule(MMCR(**MMCR.tiny), OptimConfig())
+
+    def draws():
+        return (
+            torch.rand(3).tolist(),
+            [random.random() for _ in range(3)],
+            np.random.rand(3).tolist(),
+            random.gauss(0, 1),  # a cached second normal is part of each state
+            np.random.randn(),
+        )
+
+    torch.manual_seed(11), random.seed(12), np.random.seed(13)
+    draws()  # somewhere in the middle of each stream, with a normal cached in Python's and NumPy's states
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = draws()
+    torch.save(checkpoint, tmp_path / "c.ckpt")
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)  # what a fresh process would start from
+    assert draws() != expected
+    module.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
+    assert draws() == expected

@@ -10,6 +10,7 @@ and the loss.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -269,6 +270,7 @@ class SelfSupModule(L.LightningModule):
                 states = [state]
             checkpoint[RANK_STATE_KEY] = states
         np_state = np.random.get_state()
+        py_gauss = random.getstate()[2]
         checkpoint[CHECKPOINT_KEY] = {
             **_jsonable(self.meta),
             **_jsonable(self.checkpoint_meta()),
@@ -278,6 +280,9 @@ class SelfSupModule(L.LightningModule):
                 "python": _py_state_to_tensor(random.getstate()),
                 "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
                 "numpy_pos": int(np_state[2]),
+                # the cached second normal of random.gauss / numpy's legacy normal (NaN: none cached)
+                "python_gauss": torch.tensor(float("nan") if py_gauss is None else py_gauss, dtype=torch.float64),
+                "numpy_gauss": torch.tensor(np_state[4] if np_state[3] else float("nan"), dtype=torch.float64),
             },
         }
 
@@ -299,8 +304,19 @@ class SelfSupModule(L.LightningModule):
         rng = checkpoint[CHECKPOINT_KEY].get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
-            random.setstate(_py_state_from_tensor(rng["python"]))
-            np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+            py_gauss = float(rng.get("python_gauss", float("nan")))  # absent in checkpoints before format 3
+            version, internal, _ = _py_state_from_tensor(rng["python"])
+            random.setstate((version, internal, None if math.isnan(py_gauss) else py_gauss))
+            np_gauss = float(rng.get("numpy_gauss", float("nan")))
+            has_gauss = 0 if math.isnan(np_gauss) else 1
+            np_state = (
+                "MT19937",
+                rng["numpy"].numpy().astype(np.uint32),
+                rng["numpy_pos"],
+                has_gauss,
+                np_gauss * has_gauss,
+            )
+            np.random.set_state(np_state)
 
 
 def _resume_inside_the_epoch(checkpoint: dict) -> None:
