@@ -74,3 +74,23 @@ def test_resume_auto_and_slurm_requeue(tmp_path, monkeypatch):
     assert resolve_resume(run, "auto").endswith("hpc_ckpt_10.ckpt")  # newest pre-emption checkpoint
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job continues its own run
     assert resolve_resume(run, False).endswith("hpc_ckpt_10.ckpt")
+
+
+def test_training_loss_contract_logs_scalars_and_refuses_the_rest():
+    """What training_loss returns: 'loss' plus scalars, each logged as train/<name>; a vector or a string is an error
+    naming the entry, never dropped silently."""
+    from selfsup.engine.module import training_logs
+
+    loss = torch.tensor(2.0, requires_grad=True)
+    got_loss, logs = training_logs({"loss": loss, "term": torch.tensor([0.5]), "tau": 0.99, "steps": 3}, "M")
+    assert got_loss is loss
+    assert logs == {"train/loss": 2.0, "train/term": 0.5, "train/tau": pytest.approx(0.99), "train/steps": 3.0}
+    assert all(v.dim() == 0 and not v.requires_grad for v in logs.values())
+    with pytest.raises(ValueError, match=r"M.training_loss returned 'per_sample' = a tensor of shape \(4,\)"):
+        training_logs({"loss": loss, "per_sample": torch.zeros(4)}, "M")
+    with pytest.raises(ValueError, match="returned 'note' = a str: only scalars are logged"):
+        training_logs({"loss": loss, "note": "hi"}, "M")
+    with pytest.raises(ValueError, match=r"returned no 'loss' \(keys: \['l'\]\)"):
+        training_logs({"l": loss}, "M")
+    with pytest.raises(ValueError, match="'loss' must be a one-element float tensor, got a tensor of shape"):
+        training_logs({"loss": torch.zeros(2)}, "M")

@@ -189,12 +189,11 @@ class SelfSupModule(L.LightningModule):
                 f"non-finite values at step {step}, epoch {self.current_epoch}: {e}; {hint}"
             ) from e
         embeddings = out.pop("embeddings", None)  # spectrum seam: name -> detached tensors, never a logged scalar
-        loss = out["loss"]
+        loss, logs = training_logs(out, type(self.method).__name__)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {step}, epoch {self.current_epoch}; {hint}"
             )
-        logs = {f"train/{k}": v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
         for group in self.optimizers().param_groups[:1]:
             logs["train/lr"] = torch.tensor(group["lr"] / group.get("lr_mult", 1.0))
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=views.shape[0])
@@ -317,6 +316,36 @@ class SelfSupModule(L.LightningModule):
                 np_gauss * has_gauss,
             )
             np.random.set_state(np_state)
+
+
+def training_logs(out: dict, method: str = "the method") -> tuple[Tensor, dict[str, Tensor]]:
+    """``(loss, {"train/<name>": value})`` from what ``training_loss`` returned (``"embeddings"`` already taken out).
+
+    ``loss`` must be a one-element floating tensor; every other entry is logged as ``train/<name>`` and must be a
+    one-element tensor or a Python number. Anything else (a vector, a string) is an error naming the entry: return it
+    under ``"embeddings"`` (tensors for the spectrum monitor) or reduce it to a scalar; nothing is dropped silently.
+    """
+    if "loss" not in out:
+        raise ValueError(f"{method}.training_loss returned no 'loss' (keys: {sorted(out)})")
+    loss = out["loss"]
+    if not (torch.is_tensor(loss) and loss.numel() == 1 and loss.is_floating_point()):
+        raise ValueError(f"{method}.training_loss: 'loss' must be a one-element float tensor, got {_describe(loss)}")
+    logs = {}
+    for k, v in out.items():
+        if torch.is_tensor(v) and v.numel() == 1:
+            logs[f"train/{k}"] = v.detach().float().reshape(())
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            logs[f"train/{k}"] = torch.tensor(float(v))
+        else:
+            raise ValueError(
+                f"{method}.training_loss returned '{k}' = {_describe(v)}: only scalars are logged; reduce it to one "
+                "number, or return tensors for the spectrum monitor under 'embeddings'"
+            )
+    return loss, logs
+
+
+def _describe(v: Any) -> str:
+    return f"a tensor of shape {tuple(v.shape)}" if torch.is_tensor(v) else f"a {type(v).__name__}"
 
 
 def _resume_inside_the_epoch(checkpoint: dict) -> None:
