@@ -142,9 +142,10 @@ def load_mae_weights(method: nn.Module, path: str | os.PathLike, *, strict_decod
         keys not used, "kept": method keys left untouched, "pos_embed": {our table: what happened}}``.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: unreadable / pickled file, a shape mismatch (key, both
-        shapes, file), missing encoder (or, with ``strict_decoder``, decoder) weights, or file weights this
-        method has no place for (a deeper encoder or decoder).
+        FileNotFoundError: no such file.
+        ValueError: unreadable / pickled file, a shape mismatch (key, both shapes, file), missing encoder (or,
+            with ``strict_decoder``, decoder) weights, or file weights this method has no place for (a deeper
+            encoder or decoder).
     """
     path = Path(path)
     source, targets, skipped = _targets(_read(path), path)

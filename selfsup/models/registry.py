@@ -58,6 +58,8 @@ def register_backbone(fn: Callable[..., nn.Module] | None = None, *, name: str |
 
 
 def available_backbones() -> list[str]:
+    """The registered backbone names, sorted (``resnet10`` ... ``resnet101``, ``vit_tiny`` ... ``vit_large``, and any
+    added with :func:`register_backbone`)."""
     return sorted(_BUILDERS)
 
 
