@@ -48,7 +48,11 @@ def random_views(cls: type[Method], b: int = 6, size: int = 32, seed: int = 0) -
     return torch.randn(b, views_per_image(cls), 3, size, size, generator=g)
 
 
-def make_batch(views: torch.Tensor, step: int = 0, max_steps: int = 10, seed: int = 0) -> Batch:
+def make_batch(
+    views: torch.Tensor, step: int = 0, max_steps: int = 10, seed: int | None = None, steps_per_epoch: int = 5
+) -> Batch:
+    """The engine's ``Batch`` of ``views [B, V, C, H, W]`` at ``step`` (epoch ``step // steps_per_epoch``); the
+    method's generator is seeded with ``seed`` (default: the step)."""
     b = views.shape[0]
     return Batch(
         views=views,
@@ -56,9 +60,9 @@ def make_batch(views: torch.Tensor, step: int = 0, max_steps: int = 10, seed: in
         indices=torch.arange(b),
         step=step,
         max_steps=max_steps,
-        epoch=0,
-        generator=torch.Generator().manual_seed(seed),
-        steps_per_epoch=5,
+        epoch=step // steps_per_epoch,
+        generator=torch.Generator().manual_seed(step if seed is None else seed),
+        steps_per_epoch=steps_per_epoch,
     )
 
 

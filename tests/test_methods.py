@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from method_cases import make_batch
 
 from selfsup.engine.optim import method_param_groups
 from selfsup.losses import mmcr_loss
-from selfsup.methods import MMCR, Batch, EMATeacher, Method
+from selfsup.methods import MMCR, EMATeacher, Method
 from selfsup.methods.base import cosine_tau
 from selfsup.models import MLP
 
@@ -20,17 +21,8 @@ def _views(b=6, v=3, seed=0, size=16):
     return torch.randn(b, v, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _batch(views, step=0, max_steps=10):
-    b = views.shape[0]
-    return Batch(
-        views=views,
-        labels=torch.full((b,), -1),
-        indices=torch.arange(b),
-        step=step,
-        max_steps=max_steps,
-        epoch=0,
-        generator=torch.Generator().manual_seed(step),
-    )
+def _batch(views, step=0, max_steps=10, steps_per_epoch=5):
+    return make_batch(views, step=step, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
 
 
 def test_loss_equals_mmcr_of_grouped_projections():

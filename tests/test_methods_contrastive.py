@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from method_cases import make_batch
 
 from selfsup.engine.optim import method_param_groups
 from selfsup.losses import byol_loss, info_nce_loss, mec_loss
-from selfsup.methods import BYOL, MEC, Batch, SimCLR
+from selfsup.methods import BYOL, MEC, SimCLR
 
 TINY = {"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 8}}
 B, DIM = 6, 16
@@ -22,17 +23,7 @@ def _views(b=B, v=2, seed=0, size=16):
 
 
 def _batch(views, step=0, max_steps=20, steps_per_epoch=5):
-    b = views.shape[0]
-    return Batch(
-        views=views,
-        labels=torch.full((b,), -1),
-        indices=torch.arange(b),
-        step=step,
-        max_steps=max_steps,
-        epoch=step // steps_per_epoch,
-        generator=torch.Generator().manual_seed(step),
-        steps_per_epoch=steps_per_epoch,
-    )
+    return make_batch(views, step=step, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
 
 
 def _mec(**kw):

@@ -27,29 +27,17 @@ from collections.abc import Callable, Iterable
 
 import pytest
 import torch
+from method_cases import make_batch, method_cases, random_views, step_outputs
 from torch import nn
 
 from selfsup.losses import byol_loss, mec_loss, mmcr_momentum_loss
 from selfsup.methods import Batch, Method, available_methods, get_method
-from selfsup.methods.base import EpochExamples
 
 B = 8  # images per batch (every BatchNorm sees at least 8 rows)
 STEP, MAX_STEPS, STEPS_PER_EPOCH = 3, 10, 5
 # A loss or gradient "changes" when it moves by more than this: float32 recomputation noise on these tiny models is
 # below 1e-6, and the perturbations below move the losses by 1e-2 or more (a planted online target: exactly 0).
 CHANGED = 1e-4
-
-
-def _teacher_cases() -> list[tuple[str, str]]:
-    """``(method, variant)`` for every registered method and tiny variant whose tiny config declares a teacher
-    (``""``: the plain ``tiny`` config)."""
-    cases = []
-    for name in available_methods():
-        cls = get_method(name)
-        for variant in ("", *cls.tiny_variants):
-            if _build(name, variant).teacher_names:
-                cases.append((name, variant))
-    return cases
 
 
 def _build(name: str, variant: str = "", **overrides) -> Method:
@@ -60,22 +48,11 @@ def _build(name: str, variant: str = "", **overrides) -> Method:
 
 
 def _views(method: Method, seed: int = 1) -> torch.Tensor:
-    cls = type(method)
-    v = cls.num_views or max(cls.min_views, 2)
-    return torch.randn(B, v, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return random_views(type(method), b=B, seed=seed)
 
 
 def _batch(views: torch.Tensor, step: int = STEP) -> Batch:
-    return Batch(
-        views=views,
-        labels=torch.full((views.shape[0],), -1),
-        indices=torch.arange(views.shape[0]),
-        step=step,
-        max_steps=MAX_STEPS,
-        epoch=0,
-        generator=torch.Generator().manual_seed(0),
-        steps_per_epoch=STEPS_PER_EPOCH,
-    )
+    return make_batch(views, step=step, max_steps=MAX_STEPS, seed=0, steps_per_epoch=STEPS_PER_EPOCH)
 
 
 def _student_params(method: Method) -> dict[str, nn.Parameter]:
@@ -92,17 +69,7 @@ def _loss_and_grads(
     same views with a fixed generator, as the engine does before the epoch's first step; redone on every call so the
     per-epoch state follows the current weights."""
     method.zero_grad(set_to_none=True)
-    if method.epoch_plan() is not None:
-        examples = EpochExamples(
-            views=views,
-            labels=torch.full((views.shape[0],), -1),
-            indices=torch.arange(views.shape[0]),
-            epoch=0,
-            step=0,
-            generator=torch.Generator().manual_seed(2),
-        )
-        method.prepare_epoch(examples)
-    loss = method.training_loss(_batch(views, step))["loss"]
+    loss = step_outputs(method, _batch(views, step))["loss"]
     loss.backward()
     grads = {
         k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
@@ -189,16 +156,16 @@ def check_teacher(build: Callable[[], Method]) -> None:
                 )
 
 
-TEACHER_CASES = _teacher_cases()
+TEACHER_CASES = [c for c in method_cases() if c.build().teacher_names]
 
 
 def test_the_registry_declares_teachers() -> None:
     assert TEACHER_CASES, "no registered method declares a teacher: the teacher tests below test nothing"
 
 
-@pytest.mark.parametrize(("name", "variant"), TEACHER_CASES, ids=[f"{n}-{v}" if v else n for n, v in TEACHER_CASES])
-def test_teacher_is_used_and_steps_by_ema(one_thread, name: str, variant: str) -> None:
-    check_teacher(lambda: _build(name, variant))
+@pytest.mark.parametrize("case", TEACHER_CASES, ids=lambda c: c.id)
+def test_teacher_is_used_and_steps_by_ema(one_thread, case) -> None:
+    check_teacher(lambda: case.build().train())
 
 
 def test_planned_epoch_methods_run_through_the_helper(one_thread) -> None:
