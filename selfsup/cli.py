@@ -197,6 +197,13 @@ def _reconstruct_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour magnification of every panel")
     p.add_argument(
+        "--display",
+        type=Literal["patch", "channel"],
+        default="patch",
+        help="norm-pix predictions: patch (MAE's: each patch at its own mean and scale) or channel (each channel at "
+        "the original's mean: no colour cast on gray images; see selfsup.reconstruct)",
+    )
+    p.add_argument(
         "--codes",
         type=int,
         default=1,
@@ -554,6 +561,7 @@ def run_reconstruct(argv: list[str]) -> dict:
             upscale=cfg.upscale,
             device=device,
             codes=cfg.codes,
+            display=cfg.display,
         )
     print(json.dumps(result, indent=2))
     return result

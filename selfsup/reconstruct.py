@@ -9,9 +9,34 @@ One row per image of the evaluation split (its first ``num_images``, eval transf
 ``codes=k`` (IMLE-SSL): ``k`` reconstruction columns, one per random latent code (same image, same mask), which
 shows what the codes vary; a model without codes has one.
 
-With ``norm_pix_loss`` the decoder predicts per-patch normalised pixels ``t̂ = (t − μ) / sqrt(σ² + 1e-6)``; they
-are shown as ``t̂ · sqrt(σ² + 1e-6) + μ`` with each patch's own ``μ, σ²`` taken from the original (the usual MAE
-visualisation: shape and texture come from the model, the patch's mean colour and contrast from the image).
+With ``norm_pix_loss`` the decoder predicts per-patch normalised pixels ``t̂ = (t − μ) / s``, ``s = sqrt(σ² + 1e-6)``,
+where ``μ, σ²`` (unbiased, as the loss: :func:`selfsup.losses.mae.norm_pix_targets`) are taken over **all** ``p² C``
+values of the patch in normalised units, channels mixed. How a prediction ``ŷ`` is put back into pixels
+(``display``):
+
+* ``"patch"`` (default, MAE's visualisation, comparable with the papers' figures): ``x̂ = ŷ · s + μ``, the patch
+  at its own (single) mean ``μ`` and scale ``s``: the patch's mean colour is the model's prediction;
+* ``"channel"`` (``--display channel``): ``x̂_c = s · (ŷ_c − mean ŷ_c) + mean t_c``, each channel ``c`` of the patch
+  at its own mean ``mean t_c`` (from the original) and the patch's scale ``s``: the patch's mean **colour** and
+  contrast come from the image, the shape, texture and colour variation inside the patch from the model.
+
+Both give the image back exactly when ``ŷ`` is the norm-pix target. They differ on colour: the images are
+normalised per channel (different means and stds) before patchify, so a uniform grey or black patch is **not**
+uniform in normalised units (black in CIFAR-10 units is ``(−2.43, −2.42, −2.22)``): its norm-pix target is a pure
+channel pattern (``R, G ≈ −0.7, B ≈ +1.4``) and its ``σ`` is the spread between channels, while on a textured patch
+the same channel offsets are a small part of a large ``σ``. The model cannot know the ``σ`` of a removed patch, so a
+briefly trained one predicts an average channel offset in units of ``1/σ``; ``"patch"`` multiplies it by the true
+``σ`` and shows colour the image does not have: too blue on high-contrast patches (the edge of a dark object on a
+light background, a bright object on black), slightly yellow on flat ones, even on a grayscale dataset. Measured on
+grayscale CIFAR-10 (1,000 test images, masked pixels) after 400 steps of can-cpu-small / mae-cpu-small: mean
+``|R − B|`` 0.043 / 0.038 with ``"patch"`` (``B − R`` +0.16 / +0.14 on patches of pixel std > 0.2, −0.02 on flat
+ones), 0.001 / 0.002 with ``"channel"``; both 0 for the target itself. This is the norm-pix target at work, not a
+fault of CAN's noise branch (its decoder's noise-level conditioning moves the predictions by < 0.5 %) and it fades
+only slowly with training. ``"channel"`` cannot invent a patch colour the image does not have (a prediction that is
+any gray patch's target is shown gray, R = G = B); the colour it shows inside a patch is the model's, but it hides
+the model's error on each patch's mean colour, which is why it is not the default. Predictions of a model without
+``norm_pix_loss`` are raw normalised pixels and are shown as they are.
+
 CAN's encoder sees the clean image here and its decoder the noise level 0.
 
 Unlike ``selfsup.eval`` (which reads backbones only), this needs the whole method: it is rebuilt from the
@@ -34,7 +59,9 @@ from selfsup.losses.mae import NORM_PIX_EPS
 from selfsup.methods.mae import MAE
 from selfsup.models.masked_vit import Masking, patchify, random_masking, unpatchify
 
-__all__ = ["load_method", "reconstruct", "reconstruction_panels"]
+__all__ = ["DISPLAYS", "display_patches", "load_method", "reconstruct", "reconstruction_panels"]
+
+DISPLAYS = ("patch", "channel")
 
 
 def load_method(checkpoint: str | os.PathLike) -> tuple[MAE, dict]:
@@ -70,23 +97,47 @@ def load_method(checkpoint: str | os.PathLike) -> tuple[MAE, dict]:
     return method.eval(), meta
 
 
+def display_patches(
+    pred: Tensor, target: Tensor, channels: int, norm_pix: bool = True, display: str = "patch"
+) -> Tensor:
+    """Predictions ``pred [N, L, p² C]`` as patches in normalised image units, ``target [N, L, p² C]`` the original's
+    patches (:func:`~selfsup.models.masked_vit.patchify`, channel fastest), see the module docstring.
+
+    ``norm_pix`` false: ``pred`` itself. Otherwise ``"channel"``: ``s (ŷ_c − mean ŷ_c) + mean t_c`` per channel
+    ``c``; ``"patch"``: ``ŷ s + μ``; ``μ``, ``s = sqrt(σ² + NORM_PIX_EPS)`` (unbiased ``σ²``) over the patch's ``p² C``
+    values, as the loss normalises them. Either is ``target`` exactly for ``pred = norm_pix_targets(target)``.
+    """
+    if display not in DISPLAYS:
+        raise ValueError(f"display must be one of {DISPLAYS}, got {display!r}")
+    if pred.shape != target.shape or pred.dim() != 3 or pred.shape[-1] % int(channels):
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be [N, L, p² C]")
+    if not norm_pix:
+        return pred
+    mean = target.mean(dim=-1, keepdim=True)  # [N, L, 1]
+    std = (target.var(dim=-1, keepdim=True, unbiased=True) + NORM_PIX_EPS) ** 0.5  # as norm_pix_targets
+    if display == "patch":
+        return pred * std + mean
+    n, length, d = pred.shape
+    pc = pred.reshape(n, length, d // channels, channels)  # [N, L, p², C]
+    tc = target.reshape(n, length, d // channels, channels)
+    shown = std.unsqueeze(-1) * (pc - pc.mean(dim=2, keepdim=True)) + tc.mean(dim=2, keepdim=True)
+    return shown.reshape(n, length, d)
+
+
 @torch.no_grad()
 def reconstruction_panels(
-    method: MAE, imgs: Tensor, masking: Masking, pred: Optional[Tensor] = None
+    method: MAE, imgs: Tensor, masking: Masking, pred: Optional[Tensor] = None, display: str = "patch"
 ) -> tuple[Tensor, Tensor]:
     """``(masked, reconstruction)`` of normalised ``imgs [N, C, H, W]``, both ``[N, C, H, W]`` in the same
     (normalised) units; the masked panel holds ``nan`` where patches were removed. ``pred [N, L, p² C]``: given
-    predictions (default: the method's)."""
-    p = method.patch_size
+    predictions (default: the method's); ``display``: how norm-pix predictions are shown (:func:`display_patches`)."""
+    p, c = method.patch_size, imgs.shape[1]
     pred = (method.predict(imgs, masking) if pred is None else pred).float()  # [N, L, p² C]
     target = patchify(imgs.float(), p)  # [N, L, p² C]
-    if method.norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True, unbiased=True) + NORM_PIX_EPS) ** 0.5
-        pred = pred * std + mean
+    pred = display_patches(pred, target, c, method.norm_pix_loss, display)
     m = masking.mask.float().unsqueeze(-1)  # [N, L, 1], 1 = removed
-    masked = unpatchify(torch.where(m.bool(), torch.full_like(target, float("nan")), target), p, imgs.shape[1])
-    recon = unpatchify(target * (1 - m) + pred * m, p, imgs.shape[1])
+    masked = unpatchify(torch.where(m.bool(), torch.full_like(target, float("nan")), target), p, c)
+    recon = unpatchify(target * (1 - m) + pred * m, p, c)
     return masked, recon
 
 
@@ -100,11 +151,13 @@ def reconstruct(
     upscale: int = 1,
     device: Optional[torch.device] = None,
     codes: int = 1,
+    display: str = "patch",
 ) -> dict[str, Any]:
     """Write the grid of ``num_images`` test images of ``data`` (a ``DataConfig``) to the PNG ``output``.
 
     Masks come from a generator seeded with ``seed`` (the same grid every time); ``mask_ratio`` defaults to the
-    method's. Returns ``{"output", "images", "mask_ratio", "size": [width, height], "loss"}``.
+    method's; ``display``: how norm-pix predictions are shown (``"patch"``, MAE's, or ``"channel"``, see the module docstring).
+    Returns ``{"output", "images", "mask_ratio", "codes", "display", "size": [width, height], "loss"}``.
     """
     from torchvision.utils import make_grid, save_image
 
@@ -113,6 +166,8 @@ def reconstruct(
         raise ValueError(f"--output must be a .png file, got '{out}'")
     if out.exists():
         raise FileExistsError(f"--output '{out}' exists; refusing to overwrite it")
+    if display not in DISPLAYS:
+        raise ValueError(f"display must be one of {DISPLAYS}, got {display!r}")
     if num_images < 1 or upscale < 1 or codes < 1:
         raise ValueError(f"num_images, upscale and codes must be >= 1, got {num_images}, {upscale}, {codes}")
     method, _ = load_method(checkpoint)
@@ -138,10 +193,10 @@ def reconstruct(
     masking = random_masking(n, method.num_patches, ratio, gen)
     if codes > 1:
         preds = method.reconstruct_with_codes(imgs, masking, codes, gen)  # [n, k, L, p² C]
-        recons = [reconstruction_panels(method, imgs, masking, preds[:, j])[1] for j in range(codes)]
-        masked = reconstruction_panels(method, imgs, masking, preds[:, 0])[0]
+        recons = [reconstruction_panels(method, imgs, masking, preds[:, j], display)[1] for j in range(codes)]
+        masked = reconstruction_panels(method, imgs, masking, preds[:, 0], display)[0]
     else:
-        masked, recon = reconstruction_panels(method, imgs, masking)
+        masked, recon = reconstruction_panels(method, imgs, masking, display=display)
         recons = [recon]
     with torch.no_grad():
         loss = float(method.forward_loss(imgs, masking).loss) if ratio > 0 else float("nan")
@@ -161,6 +216,7 @@ def reconstruct(
         "images": n,
         "mask_ratio": ratio,
         "codes": codes,
+        "display": display,
         "size": [int(image.shape[2]), int(image.shape[1])],
         "loss": loss,
     }

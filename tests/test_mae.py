@@ -375,6 +375,10 @@ def test_export_loads_into_plain_timm_with_equal_features_and_reconstruct_writes
     with Image.open(png) as im:  # 3 columns x 5 rows of 64 px panels, 2 px padding
         assert im.format == "PNG" and im.size == (3 * 66 + 2, 5 * 66 + 2)
     assert main(["reconstruct", "--checkpoint", str(ckpt), "--output", str(png)]) == 1  # never overwritten
+    from selfsup.cli import run_reconstruct
+
+    other = ["--checkpoint", str(ckpt), "--output", str(tmp_path / "channel.png"), "--data.num_workers", "0"]
+    assert run_reconstruct([*other, "--display", "channel"])["display"] == "channel"  # see test_reconstruct_gray.py
     assert (
         main(
             [
