@@ -17,6 +17,7 @@ import torch
 import torchvision
 
 from selfsup.cli import main
+from selfsup.engine.checkpoint import FORMAT
 from selfsup.eval.load import load_backbone
 
 RECIPE = """
@@ -70,7 +71,7 @@ def test_pretrain_kill_resume_knn_linear_export(tmp_path, recipe, capsys):
     last_a = run_a / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last_a, map_location="cpu", weights_only=True)  # loadable without unpickling code
     assert ckpt["global_step"] == 3 * (200 // 25)
-    assert ckpt["selfsup"]["format"] == 2 and ckpt["selfsup"]["backbone"]["kwargs"]["cifar_stem"] is True
+    assert ckpt["selfsup"]["format"] == FORMAT and ckpt["selfsup"]["backbone"]["kwargs"]["cifar_stem"] is True
 
     # the same run, SIGKILLed at the start of its third epoch
     script = tmp_path / "killer.py"
