@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_variable", "gather", "is_dist", "rank", "world_size"]
+__all__ = ["all_gather_variable", "all_reduce_", "gather", "is_dist", "rank", "world_size"]
 
 _MAX_DIMS = 15  # shapes are exchanged in a fixed-width vector so ranks never mismatch
 
@@ -128,6 +128,18 @@ def gather(x: Tensor, group: Any = None, grad: Literal["all", "local"] = "all") 
             f"(equal local batch sizes; use drop_last=True); got shapes by rank: {shapes}"
         )
     return (_GatherWithGrad if grad == "all" else _GatherLocalGrad).apply(x, group)
+
+
+@torch.no_grad()
+def all_reduce_(x: Tensor, op: Literal["sum", "max", "min"] = "sum", group: Any = None) -> Tensor:
+    """In-place all-reduce of ``x`` (no gradient) over ``group``; ``x`` unchanged when not distributed. Returns ``x``.
+    A collective: every rank must call it (e.g. Sinkhorn-Knopp's sums, DINO's center)."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"all_reduce_: op must be one of {sorted(ops)}, got {op!r}")
+    if is_dist() and world_size(group) > 1:
+        dist.all_reduce(x, op=ops[op], group=group)
+    return x
 
 
 @torch.no_grad()

@@ -9,10 +9,12 @@ the input and how many rows hold them: a loss never drops rows silently.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["NORM_EPS", "check_floating", "check_rows", "compute_dtype", "same_shapes"]
+__all__ = ["NORM_EPS", "check_floating", "check_positive", "check_rows", "compute_dtype", "same_shapes"]
 
 #: The eps of every L2 normalisation in the losses (``F.normalize(x, eps=NORM_EPS)``).
 NORM_EPS = 1e-12
@@ -42,7 +44,7 @@ def check_floating(x: Tensor, name: str, loss: str, layout: str = "[rows, featur
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if not bool(torch.isfinite(x).all()):
-        n_bad = int((~torch.isfinite(x)).flatten(1).any(dim=1).sum())
+        n_bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).sum())
         raise FloatingPointError(
             f"{name} contains NaN or Inf values (in {n_bad} of {x.shape[0]} rows, shape {tuple(x.shape)}); "
             f"{loss} refuses to drop rows silently. Check the learning rate, the precision settings and the inputs."
@@ -60,6 +62,12 @@ def same_shapes(named: dict[str, Tensor]) -> None:
     if len(set(shapes.values())) != 1:
         desc = ", ".join(f"{n} {s}" for n, s in shapes.items())
         raise ValueError(f"{', '.join(shapes)} must all have the same shape; got {desc}")
+
+
+def check_positive(value: float, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number > 0 (temperatures, epsilons)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
 
 def compute_dtype(*xs: Tensor) -> torch.dtype:

@@ -19,13 +19,11 @@ autocast off.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.losses.checks import NORM_EPS, check_rows, compute_dtype, same_shapes
+from selfsup.losses.checks import NORM_EPS, check_positive, check_rows, compute_dtype, same_shapes
 
 __all__ = ["info_nce_loss"]
 
@@ -45,8 +43,7 @@ def info_nce_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
         TypeError: non-tensor or non-floating input.
         FloatingPointError: NaN or Inf in an input (the message names it).
     """
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    check_positive(temperature, "temperature")
     check_rows(z1, "z1", "info_nce_loss")
     check_rows(z2, "z2", "info_nce_loss")
     same_shapes({"z1": z1, "z2": z2})
