@@ -8,28 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_args import BATCHED_IN_MEMORY, TINY_MMCR
 
 from selfsup.cli import main
 
 TINY = [
-    "--method",
-    "MMCR",
-    "--method.init_args.backbone",
-    "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
-    "--method.init_args.projector",
-    "[16, 8]",
+    *TINY_MMCR,
     "--data.dataset",
     "cifar10",
     "--data.batch_size",
     "20",
-    "--data.views",
-    "2",
-    "--data.view_mode",
-    "batched",
-    "--data.in_memory",
-    "true",
-    "--data.num_workers",
-    "0",
+    *BATCHED_IN_MEMORY,
     "--trainer.logger",
     "none",
     "--trainer.progress_bar",

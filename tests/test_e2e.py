@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from cli_args import BATCHED_IN_MEMORY
 
 from selfsup.cli import main
 from selfsup.engine.checkpoint import FORMAT
@@ -175,14 +176,7 @@ def test_export_loads_into_unmodified_torchvision(tmp_path, cifar_slice):
         str(cifar_slice),
         "--data.batch_size",
         "20",
-        "--data.views",
-        "2",
-        "--data.view_mode",
-        "batched",
-        "--data.in_memory",
-        "true",
-        "--data.num_workers",
-        "0",
+        *BATCHED_IN_MEMORY,
         "--data.subset",
         "40",
         "--trainer.max_epochs",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_args import BATCHED_IN_MEMORY, TINY_MMCR
 from PIL import Image
 
 from selfsup.cli import main, run_report
@@ -25,24 +26,12 @@ from selfsup.report.runs import read_metrics_csv
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ARGS = [
-    "--method",
-    "MMCR",
-    "--method.init_args.backbone",
-    "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
-    "--method.init_args.projector",
-    "[16, 8]",
+    *TINY_MMCR,
     "--data.dataset",
     "cifar10",
     "--data.batch_size",
     "20",
-    "--data.views",
-    "2",
-    "--data.view_mode",
-    "batched",
-    "--data.in_memory",
-    "true",
-    "--data.num_workers",
-    "0",
+    *BATCHED_IN_MEMORY,
     "--trainer.logger",
     "csv",
     "--trainer.log_every_n_steps",

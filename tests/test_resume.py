@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_args import TINY_MMCR
 from kill_harness import pretrain_killed_at
 
 from selfsup.cli import main
 
 BASE = [
-    "--method",
-    "MMCR",
-    "--method.init_args.backbone",
-    "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
-    "--method.init_args.projector",
-    "[16, 8]",
+    *TINY_MMCR,
     "--data.dataset",
     "cifar10",
     "--data.batch_size",

@@ -8,30 +8,19 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from cli_args import BATCHED_IN_MEMORY, TINY_MMCR
 from conftest import make_cifar_slice
 from torch.utils.data import DataLoader
 
 from selfsup.cli import main
 
 RUN_ARGS = [
-    "--method",
-    "MMCR",
-    "--method.init_args.backbone",
-    "{name: resnet10, kwargs: {cifar_stem: true, width: 8}}",
-    "--method.init_args.projector",
-    "[16, 8]",
+    *TINY_MMCR,
     "--data.dataset",
     "cifar10",
     "--data.batch_size",
     "20",
-    "--data.views",
-    "2",
-    "--data.view_mode",
-    "batched",
-    "--data.in_memory",
-    "true",
-    "--data.num_workers",
-    "0",
+    *BATCHED_IN_MEMORY,
     "--optim.lr",
     "0.01",
     "--trainer.logger",
