@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from selfsup.methods import Batch, Method, available_methods, get_method
+from selfsup.losses import mmcr_loss
+from selfsup.methods import MMCR, Batch, Method, available_methods, get_method
 from selfsup.methods.base import EpochExamples
 
 
@@ -81,3 +82,39 @@ def step_outputs(method: Method, batch: Batch) -> dict[str, Any]:
             )
         )
     return method.training_loss(batch)
+
+
+class LocalViewsMMCR(MMCR):
+    """MMCR over the global and the local views of multi-crop (the backbone pools any size; the projector's outputs
+    of both groups join on the view axis). Records the view shapes it saw (``seen``). Test-only: not registered."""
+
+    def training_loss(self, batch: Batch) -> dict[str, Any]:
+        local = batch.local_views
+        self.seen = (tuple(batch.views.shape), None if local is None else tuple(local.shape))
+        b, v = self.check_views(batch.views)
+        z = self.projector(self.backbone(batch.views.flatten(0, 1))).view(b, v, -1)
+        if local is not None:
+            z_local = self.projector(self.backbone(local.flatten(0, 1))).view(b, local.shape[1], -1)
+            z = torch.cat([z, z_local], dim=1)
+        return {"loss": mmcr_loss(self.gather(z)), "embeddings": {"projector": z.detach()}}
+
+
+class QueueMMCR(MMCR):
+    """MMCR keeping per-rank state outside the state dict (as SwAV's queue), carried through checkpoints by
+    ``rank_state``: the running sum of every projection it made, so its final value depends on the whole run.
+    Test-only: not registered."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.total = torch.zeros(())
+
+    def training_loss(self, batch: Batch) -> dict[str, Any]:
+        out = super().training_loss(batch)
+        self.total = self.total + out["embeddings"]["projector"].sum(dim=(0, 1))  # [D]
+        return out
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        return {"total": self.total}
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.total = state["total"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -40,6 +40,7 @@ from torch.utils.data import Dataset, Subset
 from selfsup.data.batched import BatchedViews
 from selfsup.data.datasets import TensorImageDataset, build_dataset, demo_dataset_path, load_uint8
 from selfsup.data.memory import ImageSizeMismatchError
+from selfsup.data.multicrop import BatchedMultiCrop, MultiCrop
 from selfsup.data.transforms import (
     Augment,
     MultiViewTransform,
@@ -104,15 +105,49 @@ class TensorNormalize:
 
 def train_pipelines(cfg) -> list[Augment]:
     """The preset's pipelines with ``cfg.augment_overrides`` applied to each."""
-    pipelines = as_pipelines(get_preset(cfg.augment))
-    overrides = dict(getattr(cfg, "augment_overrides", None) or {})
+    return _with_overrides(cfg.augment, getattr(cfg, "augment_overrides", None), "data.augment_overrides")
+
+
+def local_pipelines(cfg) -> Optional[list[Augment]]:
+    """Multi-crop: the local views' pipelines (``cfg.local_augment`` + ``cfg.local_augment_overrides``), or ``None``
+    without local views (``cfg.local_views == 0``)."""
+    n = int(getattr(cfg, "local_views", 0) or 0)
+    if n == 0:
+        return None
+    if n < 0:
+        raise ValueError(f"data.local_views must be >= 0, got {n}")
+    if not getattr(cfg, "local_augment", None):
+        raise ValueError(f"data.local_views = {n} needs data.local_augment (the local crops' preset, e.g. dino_local)")
+    return _with_overrides(cfg.local_augment, cfg.local_augment_overrides, "data.local_augment_overrides")
+
+
+def _with_overrides(preset: str, overrides: Optional[dict], name: str) -> list[Augment]:
+    pipelines = as_pipelines(get_preset(preset))
+    overrides = dict(overrides or {})
     if not overrides:
         return pipelines
     known = {f.name for f in dataclasses.fields(Augment)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"data.augment_overrides: unknown Augment field(s) {unknown}; valid: {sorted(known)}")
+        raise ValueError(f"{name}: unknown Augment field(s) {unknown}; valid: {sorted(known)}")
     return [dataclasses.replace(a, **overrides) for a in pipelines]
+
+
+def view_makers(cfg, geometry: bool) -> tuple[Optional[Any], Optional[torch.nn.Module]]:
+    """``(loader transform, device view maker)`` of the training views (global, and local with multi-crop).
+
+    ``per_image``: ``(MultiViewTransform or MultiCrop, None)``; ``batched``: ``(None or the loader-side crop and
+    flip when ``geometry``, BatchedViews or BatchedMultiCrop)``.
+    """
+    pipes, local = train_pipelines(cfg), local_pipelines(cfg)
+    groups = [(pipes, cfg.views)] + ([(local, cfg.local_views)] if local else [])
+    if cfg.view_mode == "batched":
+        makers = [BatchedViews(p, n) for p, n in groups]
+        crops = [MultiViewTransform([crop_flip_transform(a, resize=cfg.image_size) for a in p], n) for p, n in groups]
+        loader = (crops[0] if len(crops) == 1 else MultiCrop(*crops)) if geometry else None
+        return loader, (makers[0] if len(makers) == 1 else BatchedMultiCrop(*makers))
+    transforms = [MultiViewTransform([per_image_transform(a) for a in p], n) for p, n in groups]
+    return (transforms[0] if len(transforms) == 1 else MultiCrop(*transforms)), None
 
 
 def eval_preset(name: str) -> Augment:
@@ -231,32 +266,22 @@ class DataSource:
             return augment
         return eval_preset(augment)
 
-    def train_views(self, seed: int = 0) -> tuple[Dataset, Optional[BatchedViews]]:
+    def train_views(self, seed: int = 0) -> tuple[Dataset, Optional[torch.nn.Module]]:
         """The pretraining dataset of ``cfg.train_split`` and, in ``batched`` mode, the view generator.
 
         Samples: ``per_image``: ``float [V, 3, crop, crop]`` views; ``batched`` in memory: the full
         ``uint8 [3, H, W]`` image; ``batched`` otherwise: ``uint8 [V, 3, crop, crop]`` crops (view ``v``
-        cropped and flipped by pipeline ``v % P``) for ``BatchedViews``' photometric ops. ``cfg.subset``
-        keeps a random subset, fixed by ``seed``.
+        cropped and flipped by pipeline ``v % P``) for ``BatchedViews``' photometric ops. With multi-crop
+        (``cfg.local_views``) each sample is the pair ``(global, local)`` of these and the generator a
+        :class:`~selfsup.data.multicrop.BatchedMultiCrop`. ``cfg.subset`` keeps a random subset, fixed by ``seed``.
         """
         c = self.cfg
-        pipelines = self.pipelines
         if c.views < 1:
             raise ValueError(f"data.views must be >= 1, got {c.views}")
-        if c.view_mode == "batched":
-            # Full-size images can be stacked only once decoded to one size in memory; otherwise the
-            # loader applies the geometry to the full image and yields stackable crops.
-            geometry = (
-                None
-                if self.in_memory
-                else MultiViewTransform([crop_flip_transform(a, resize=c.image_size) for a in pipelines], c.views)
-            )
-            return (
-                _subset(self._nway_nshot(self.images(c.train_split, geometry)), c.subset, seed),
-                BatchedViews(pipelines, c.views),
-            )
-        multi = MultiViewTransform([per_image_transform(a) for a in pipelines], c.views)
-        return _subset(self._nway_nshot(self.images(c.train_split, multi)), c.subset, seed), None
+        # Batched: full-size images can be stacked only once decoded to one size in memory; otherwise the loader
+        # applies the geometry to the full image and yields stackable crops.
+        transform, maker = view_makers(c, geometry=not self.in_memory)
+        return _subset(self._nway_nshot(self.images(c.train_split, transform)), c.subset, seed), maker
 
     def _nway_nshot(self, ds: Dataset, all_shots: bool = False) -> Dataset:
         """``cfg.n_way`` classes x ``cfg.n_shot`` images of ``ds`` (``all_shots``: every image of those classes)."""

@@ -62,7 +62,8 @@ class PerImageViews:
 
     What ``make_views`` runs in ``per_image`` view mode (the batched mode uses ``BatchedViews``): image
     ``b`` is transformed under torch's RNG seeded from ``(a draw of generator, b)``, on the CPU, and the
-    views are returned ``[B, V, C, h, w]`` on the images' device.
+    views are returned ``[B, V, C, h, w]`` on the images' device (a multi-crop transform's ``(global, local)``
+    pair comes back as the pair of stacks).
     """
 
     def __init__(self, transform: Callable[[Tensor], Tensor]):
@@ -70,9 +71,11 @@ class PerImageViews:
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        out: list[Tensor] = []
+        out: list = []
         with torch.random.fork_rng(devices=[]):
             for b, img in enumerate(images.cpu()):
                 torch.manual_seed(key_seed(base, b))
                 out.append(self.transform(img))
+        if isinstance(out[0], tuple):  # multi-crop: (global, local) per image
+            return tuple(torch.stack(group).to(images.device) for group in zip(*out))
         return torch.stack(out).to(images.device)

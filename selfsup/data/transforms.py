@@ -28,6 +28,8 @@ The presets in :data:`PRESETS` reproduce the reference repositories (spec §3.2)
   CIFAR: 32 px, CIFAR mean/std, no blur, solarize 0 / 0.2, as solo-learn).
 * ``mae`` / ``mae_cifar``: MAE's crop (scale (0.2, 1), bicubic) and flip only.
 * ``can`` / ``can_cifar``: CAN's symmetric SimCLR-style pair source (crop scale (0.2, 1); ImageNet: blur p 0.5).
+* ``dino`` / ``dino_local``: DINO's global pair (224 px, scale (0.4, 1)) and its local crops (96 px, (0.05, 0.4)),
+  for multi-crop (``data.local_views``, :mod:`selfsup.data.multicrop`).
 
 One deliberate fix: solarisation thresholds are expressed on ``[0, 1]`` floats (0.5, i.e. 128 on uint8),
 never on raw uint8 values (MIN-MMCR's ``RandomSolarize(0.5)`` on PIL images inverts almost every pixel).
@@ -259,6 +261,10 @@ _MAE = dataclasses.replace(
     eval_interpolation="bicubic",
 )
 
+# DINO (main_dino.py DataAugmentationDINO): global crops RRC(224, (0.4, 1), bicubic), flip, jitter (.4, .4, .2, .1)
+# p .8, gray .2; global 1 blur 1.0, global 2 blur 0.1 + solarize 0.2; local crops RRC(96, (0.05, 0.4)), blur 0.5.
+_DINO_GLOBAL = dataclasses.replace(_MEC_1, scale=(0.4, 1.0), interpolation="bicubic", eval_interpolation="bicubic")
+
 PRESETS: dict[str, AugmentSpec] = {
     # OFF-MMCR CIFAR-10: RRC(32, (0.08, 1), bilinear), flip .5, jitter(.4,.4,.4,.1) p=.8, gray .2.
     "cifar10": _CIFAR10,
@@ -306,6 +312,10 @@ PRESETS: dict[str, AugmentSpec] = {
     "can": dataclasses.replace(_SIMCLR, scale=(0.2, 1.0), interpolation="bilinear", eval_interpolation="bicubic"),
     # CAN at 32 px: as ``can`` without blur (SimCLR's CIFAR choice), CIFAR-10 mean/std.
     "can_cifar": dataclasses.replace(_CIFAR10, scale=(0.2, 1.0)),
+    # DINO's two global views (multi-crop: data.views 2 with data.local_augment dino_local).
+    "dino": (_DINO_GLOBAL, dataclasses.replace(_DINO_GLOBAL, blur_p=0.1, solarize_p=0.2)),
+    # DINO's local views: RRC(96, (0.05, 0.4), bicubic), flip, the same jitter and gray, blur p .5.
+    "dino_local": dataclasses.replace(_DINO_GLOBAL, crop_size=96, scale=(0.05, 0.4), blur_p=0.5),
 }
 
 

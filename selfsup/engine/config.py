@@ -27,6 +27,11 @@ class DataConfig:
         augment: augmentation preset (``selfsup.data.transforms.PRESETS``).
         augment_overrides: fields of ``Augment`` replaced in every pipeline of the preset,
             e.g. ``{scale: [0.2, 1.0], blur_p: 0.1}``; an unknown field is an error.
+        local_views: multi-crop (DINO, SwAV): this many smaller local views per image besides the ``views`` global
+            ones (``Batch.local_views``; :mod:`selfsup.data.multicrop`); 0 = single-size views.
+        local_augment: preset of the local views (its crop size and scale range: e.g. ``dino_local``); required
+            with ``local_views``.
+        local_augment_overrides: fields of ``Augment`` replaced in the local preset (``{crop_size: 64}``).
         view_mode: ``per_image`` (torchvision transforms in loader workers) or ``batched``
             (one vectorised op for the whole batch, on the training device).
         in_memory: decode the whole split once into a uint8 tensor (small datasets).
@@ -55,6 +60,9 @@ class DataConfig:
     views: int = 2
     augment: str = "cifar10"
     augment_overrides: Optional[dict] = None
+    local_views: int = 0
+    local_augment: Optional[str] = None
+    local_augment_overrides: Optional[dict] = None
     view_mode: Literal["per_image", "batched"] = "per_image"
     in_memory: bool = False
     image_size: Optional[int] = None
@@ -85,6 +93,11 @@ class OptimConfig:
         schedule: ``cosine`` (warm-up then half-cosine) or ``constant`` (warm-up then flat).
         warmup_epochs: linear warm-up length, per step; the first step already has a non-zero lr.
         final_lr_ratio: cosine end value as a fraction of the peak.
+        weight_decay_end: with a value, every decayed group's weight decay follows a cosine from ``weight_decay`` at
+            step 0 to this value at the end (DINO: 0.04 -> 0.4; ``selfsup.schedules.cosine``); ``None``: constant.
+        clip_grad: clip gradients before each optimiser step to this norm (``None``: no clipping).
+        clip_grad_per_param: clip each parameter's gradient to ``clip_grad`` on its own (DINO / iBOT's
+            ``clip_gradients``) instead of the global norm of all gradients (``torch.nn.utils.clip_grad_norm_``).
     """
 
     name: Literal["adam", "adamw", "sgd", "lars"] = "adam"
@@ -98,6 +111,18 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "constant"
     warmup_epochs: float = 0.0
     final_lr_ratio: float = 0.0
+    weight_decay_end: Optional[float] = None
+    clip_grad: Optional[float] = None
+    clip_grad_per_param: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight_decay_end is not None and not (self.weight_decay > 0 and self.weight_decay_end >= 0):
+            raise ValueError(
+                f"optim.weight_decay_end ({self.weight_decay_end}) schedules the weight decay from optim.weight_decay, "
+                f"which must then be > 0 (got {self.weight_decay}); the end value must be >= 0"
+            )
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"optim.clip_grad must be > 0 (or unset), got {self.clip_grad}")
 
 
 @dataclass

@@ -23,10 +23,12 @@ import torch
 from torch import Tensor
 
 from selfsup.data.keyed import key_seed
+from selfsup.data.multicrop import ViewGroups, split_views
 from selfsup.engine.checkpoint import CHECKPOINT_KEY, FORMAT, check_compatible, upgrade_checkpoint
 from selfsup.engine.config import OptimConfig
 from selfsup.engine.optim import build_optimizer, build_scheduler, method_param_groups, scaled_lr
 from selfsup.methods.base import Batch, EpochExamples, Method
+from selfsup.schedules import cosine
 
 # Independent random streams of one (step, rank, micro-batch).
 STREAM_VIEWS, STREAM_METHOD = 0, 1
@@ -81,8 +83,9 @@ class SelfSupModule(L.LightningModule):
         gen.manual_seed(key_seed(self.seed, step, self.global_rank, micro, stream))
         return gen
 
-    def make_views(self, images: Tensor, step: int, micro: int = 0) -> Tensor:
-        """Views ``[B, V, C, h, w]`` of uint8 ``images`` for ``step``, exactly as the engine makes them."""
+    def make_views(self, images: Tensor, step: int, micro: int = 0) -> ViewGroups:
+        """Views ``[B, V, C, h, w]`` of uint8 ``images`` for ``step``, exactly as the engine makes them (with
+        multi-crop the pair ``(global, local)``)."""
         if self.view_maker is None:
             raise RuntimeError("no view maker: this run got ready-made views from its dataset")
         with torch.autocast(images.device.type, enabled=False):
@@ -164,9 +167,9 @@ class SelfSupModule(L.LightningModule):
             views = self._cached_views(torch.as_tensor(indices))
         else:
             views = self.make_views(images, step, micro) if self.views_on_device else images
+        views, local_views = split_views(views)  # multi-crop: (global, local)
         if self.channels_last:
-            b, v = views.shape[:2]
-            views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
+            views, local_views = _channels_last(views), _channels_last(local_views)
         max_steps = int(self.trainer.estimated_stepping_batches)
         inp = Batch(
             views=views,
@@ -177,6 +180,7 @@ class SelfSupModule(L.LightningModule):
             epoch=self.current_epoch,
             generator=self.generator(STREAM_METHOD, step, micro, views.device),
             steps_per_epoch=self._steps_per_epoch(),
+            local_views=local_views,
         )
         hint = (
             "lower the learning rate, use fp32 (--trainer.precision 32-true) or check the data; "
@@ -201,6 +205,22 @@ class SelfSupModule(L.LightningModule):
         if embeddings:
             return {"loss": loss, "embeddings": embeddings}
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the backward pass, before the step (gradients unscaled): clip (``optim.clip_grad``), drop the
+        gradients of what the method freezes at this step (``Method.frozen``), set the scheduled weight decay
+        (``optim.weight_decay_end``). Pure functions of the step: a resumed run does the same."""
+        cfg, step = self.optim_cfg, self.global_step
+        if cfg.clip_grad is not None:
+            clip_gradients(self.method.parameters(), cfg.clip_grad, cfg.clip_grad_per_param)
+        for p in self.method.frozen(step, self.current_epoch):
+            p.grad = None
+        if cfg.weight_decay_end is not None:
+            total = int(self.trainer.estimated_stepping_batches)
+            for group in optimizer.param_groups:
+                base = group.get("base_weight_decay", 0.0)
+                if base > 0:
+                    group["weight_decay"] = cosine(base, base * cfg.weight_decay_end / cfg.weight_decay, step, total)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Only after a real optimiser step (gradient accumulation). global_step already counts it, so the step just
@@ -236,6 +256,8 @@ class SelfSupModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(total, round(cfg.warmup_epochs * self._steps_per_epoch()))
         scheduler = build_scheduler(optimizer, total, warmup, cfg.final_lr_ratio, cfg.schedule)
+        for group in optimizer.param_groups:  # the weight-decay schedule (optim.weight_decay_end) scales from these
+            group["base_weight_decay"] = group["weight_decay"]
         self.meta["peak_lr"] = lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -291,15 +313,17 @@ class SelfSupModule(L.LightningModule):
         _resume_inside_the_epoch(checkpoint)
         states = checkpoint.get(RANK_STATE_KEY)
         if states:
-            if len(states) == self.trainer.world_size:
-                self._pending_rank_state = states[self.global_rank]
-            else:
+            if len(states) != self.trainer.world_size:
                 from lightning.pytorch.utilities import rank_zero_warn
 
                 rank_zero_warn(
-                    f"the checkpoint holds the epoch state of {len(states)} process(es), this run has "
-                    f"{self.trainer.world_size}: a resumed epoch is prepared again from scratch"
+                    f"the checkpoint holds the per-process state of {len(states)} process(es), this run has "
+                    f"{self.trainer.world_size}: it starts afresh (a planned epoch is prepared again, a queue refills)"
                 )
+            elif self._planned:  # delivered with the resumed epoch's preparation (prepare_planned_epoch)
+                self._pending_rank_state = states[self.global_rank]
+            else:  # e.g. SwAV's queue: this rank's own, now
+                self.method.load_rank_state(states[self.global_rank])
         rng = checkpoint[CHECKPOINT_KEY].get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -316,6 +340,27 @@ class SelfSupModule(L.LightningModule):
                 np_gauss * has_gauss,
             )
             np.random.set_state(np_state)
+
+
+def _channels_last(views: Optional[Tensor]) -> Optional[Tensor]:
+    """``[B, V, C, H, W]`` views with each ``[C, H, W]`` image in channels-last memory order."""
+    if views is None:
+        return None
+    b, v = views.shape[:2]
+    return views.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, v))
+
+
+def clip_gradients(params, max_norm: float, per_param: bool = False) -> None:
+    """Clip gradients in place: their global L2 norm to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``), or with
+    ``per_param`` each parameter's own (DINO / iBOT: ``g ← g · min(1, max_norm / (||g|| + 1e-6))``)."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not per_param:
+        torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+        return
+    for p in with_grad:
+        coef = max_norm / (float(p.grad.detach().norm(2)) + 1e-6)
+        if coef < 1:
+            p.grad.mul_(coef)
 
 
 def training_logs(out: dict, method: str = "the method") -> tuple[Tensor, dict[str, Tensor]]:

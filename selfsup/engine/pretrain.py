@@ -15,12 +15,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from torch.utils.data import DataLoader
 
-from selfsup.data.batched import BatchedViews
-from selfsup.data.build import build_eval_dataset, build_train_views, num_classes, train_pipelines
+from selfsup.data.build import build_eval_dataset, build_train_views, num_classes, view_makers
 from selfsup.data.keyed import KeyedDataset, PerImageViews
 from selfsup.data.rounds import EpochPlan, IndexOnly, RoundSampler, rank_examples, steps_per_epoch
 from selfsup.data.sampler import ShardedEpochSampler
-from selfsup.data.transforms import MultiViewTransform
 from selfsup.engine.callbacks import KNNMonitor
 from selfsup.engine.checkpoint import AtomicCheckpointIO, check_compatible, resolve_resume
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
@@ -211,14 +209,18 @@ def pretrain(
     out = Path(trainer.out_dir)
     ckpt_path = resolve_resume(out, trainer.resume)  # fails before any work when the run dir is taken
     L.seed_everything(trainer.seed, workers=True, verbose=False)
+    if data.local_views and method.epoch_plan() is not None:
+        raise ValueError(
+            f"{type(method).__name__} trains in planned epochs, which make one view group: data.local_views must be 0"
+        )
     if train_dataset is None:
         train_ds, view_gen = build_train_views(data, seed=trainer.seed)
     else:  # a ready dataset (Python API): uint8 images for batched views, else [V, C, H, W] view stacks
         train_ds = train_dataset
-        view_gen = BatchedViews(train_pipelines(data), data.views) if data.view_mode == "batched" else None
+        view_gen = view_makers(data, geometry=False)[1] if data.view_mode == "batched" else None
     views_on_device = view_gen is not None
     if view_gen is None:  # per-image views come from the loader; this one serves the method's make_views calls
-        view_gen = PerImageViews(MultiViewTransform(train_pipelines(data), data.views))
+        view_gen = PerImageViews(view_makers(data, geometry=False)[0])
     meta = {
         "config": config or {},
         "batch_size": data.batch_size,

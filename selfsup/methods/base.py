@@ -54,6 +54,8 @@ class Batch:
         steps_per_epoch: optimiser steps per epoch (schedules given in epochs, e.g. MEC's 10-epoch warm-up).
         generator: the method's own random stream, on the views' device, keyed on
             (seed, step, rank, micro-batch); never the global RNG.
+        local_views: multi-crop (``data.local_views > 0``): ``[B, Vl, C, h, w]`` smaller local views of the same
+            images (sample-major, their own size and augmentation, :mod:`selfsup.data.multicrop`); ``None`` otherwise.
     """
 
     views: Tensor
@@ -64,6 +66,7 @@ class Batch:
     epoch: int
     generator: torch.Generator
     steps_per_epoch: int = 1
+    local_views: Optional[Tensor] = None
 
     @property
     def size(self) -> int:
@@ -217,11 +220,20 @@ class Method(nn.Module):
         return {}
 
     def rank_state(self) -> Optional[dict[str, Tensor]]:
-        """This rank's per-epoch state to carry through a checkpoint (tensors; ``None``: nothing)."""
+        """This rank's own state to carry through a checkpoint (tensors; ``None``: nothing): a planned epoch's codes
+        (IMLE-SSL), a queue of past embeddings (SwAV). Every rank's is saved; a resumed run with the same number of
+        processes gives each rank its own back (:meth:`load_rank_state`)."""
         return None
 
     def load_rank_state(self, state: dict[str, Tensor]) -> None:
-        """Restore what :meth:`rank_state` returned (before :meth:`prepare_epoch` of the resumed epoch)."""
+        """Restore what :meth:`rank_state` returned: when the checkpoint is loaded, or, in planned epochs, before
+        :meth:`prepare_epoch` of the resumed epoch."""
+
+    def frozen(self, step: int, epoch: int) -> list[nn.Parameter]:
+        """Parameters whose gradients are dropped at this optimiser step (``grad = None``: no update, no weight
+        decay, no optimiser-state change), e.g. DINO's last layer in the first epoch, SwAV's prototypes in the first
+        iterations. A pure function of ``step`` / ``epoch``, so a resumed run freezes the same steps. Default: none."""
+        return []
 
     def checkpoint_signature(self) -> dict[str, Any]:
         """What the weights compute with that the state dict does not hold (e.g. IMLE's equalised-lr gain): stored
