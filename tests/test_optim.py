@@ -231,3 +231,33 @@ def test_timm_lars_is_the_larc_form_not_the_seeds() -> None:
         )
         torch.testing.assert_close(theirs[0].detach(), expected_timm)
         assert torch.allclose(ours[0].detach(), theirs[0].detach()) is same
+
+
+def test_a_fixed_lr_group_keeps_its_peak_while_the_others_follow_the_schedule() -> None:
+    """SimSiam's fix_pred_lr: a param_groups() entry with "fixed_lr": True keeps its lr through warm-up and decay."""
+    from selfsup.engine.optim import build_scheduler, method_param_groups
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def param_groups(self):
+            return [
+                {"name": "a", "params": list(self.a.parameters())},
+                {"name": "pred", "params": list(self.b.parameters()), "fixed_lr": True},
+            ]
+
+    groups = method_param_groups(TwoHeads(), lr=0.1, weight_decay=0.0, exclude=False)
+    assert [g["fixed_lr"] for g in groups] == [False, True]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=2, final_lr_ratio=0.0, schedule="cosine")
+    seen = []
+    for _ in range(10):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert [a for a, _ in seen][:4] == pytest.approx([0.05, 0.1, 0.1, 0.1 * (1 + math.cos(math.pi / 7)) / 2])
+    assert all(b == pytest.approx(0.1) for _, b in seen)  # warm-up and cosine leave the fixed group alone
+    state = sched.state_dict()
+    torch.save(state, "/dev/null")  # picklable

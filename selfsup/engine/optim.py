@@ -211,7 +211,8 @@ def method_param_groups(method: nn.Module, lr: float, weight_decay: float, exclu
     for LARS, no trust ratio.
 
     Every returned group carries ``name``, ``lr = lr * lr_mult`` (the scheduler scales it per step),
-    ``lr_mult`` and ``weight_decay``. Frozen parameters are skipped; a trainable parameter that no group
+    ``lr_mult``, ``weight_decay`` and ``fixed_lr`` (a group of ``param_groups()`` with ``"fixed_lr": True`` keeps
+    its peak lr at every step: SimSiam's ``fix_pred_lr``). Frozen parameters are skipped; a trainable parameter that no group
     lists, or that two groups list, is an error naming it.
     """
     names = {id(p): n for n, p in method.named_parameters()}
@@ -229,7 +230,7 @@ def method_param_groups(method: nn.Module, lr: float, weight_decay: float, exclu
         seen.update(id(p) for p in params)
         plain = [p for p in params if not (exclude and (p.ndim <= 1 or id(p) in nwd))]
         no_decay = [p for p in params if exclude and (p.ndim <= 1 or id(p) in nwd)]
-        common = {"lr": lr * mult, "lr_mult": mult}
+        common = {"lr": lr * mult, "lr_mult": mult, "fixed_lr": bool(g.get("fixed_lr", False))}
         if plain:
             out.append({"name": name, "params": plain, "weight_decay": wd, **common})
         if no_decay:
@@ -375,6 +376,16 @@ class WarmupSchedule:
         )
 
 
+class FixedSchedule:
+    """Picklable ``LambdaLR`` factor 1 at every step: a group that keeps its peak lr (``fixed_lr``)."""
+
+    def __call__(self, step: int) -> float:
+        return 1.0
+
+    def __repr__(self) -> str:
+        return "FixedSchedule()"
+
+
 def build_scheduler(
     optimizer: Optimizer,
     total_steps: int,
@@ -382,8 +393,11 @@ def build_scheduler(
     final_lr_ratio: float = 0.0,
     schedule: str = "cosine",
 ) -> LambdaLR:
-    """Per-step ``LambdaLR``: the group's lr (its peak) times :class:`WarmupSchedule`.
+    """Per-step ``LambdaLR``: the group's lr (its peak) times :class:`WarmupSchedule`, or constant for a group marked
+    ``fixed_lr`` (SimSiam's predictor, ``fix_pred_lr``: neither warm-up nor decay, as the official code).
 
     Call ``scheduler.step()`` after every optimiser step (Lightning: ``interval="step"``).
     """
-    return LambdaLR(optimizer, lr_lambda=WarmupSchedule(total_steps, warmup_steps, final_lr_ratio, schedule))
+    warm = WarmupSchedule(total_steps, warmup_steps, final_lr_ratio, schedule)
+    lambdas = [FixedSchedule() if g.get("fixed_lr") else warm for g in optimizer.param_groups]
+    return LambdaLR(optimizer, lr_lambda=lambdas)
