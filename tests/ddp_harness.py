@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 def run_spawned(
-    worker: Callable[[int, int, str], None], world: int, out_dir: Path, timeout: float = 120
+    worker: Callable[[int, int, str], None], world: int, out_dir: Path, timeout: float = 400
 ) -> list[dict[str, Any]]:
     """Run ``worker`` on ``world`` spawned ranks and return each rank's saved result, in rank order."""
     ctx = mp.get_context("spawn")
@@ -35,11 +35,12 @@ def run_spawned(
         p.start()
     for p in procs:
         p.join(timeout=timeout)
-    for p in procs:
-        if p.is_alive():
+    for r, p in enumerate(procs):
+        if p.is_alive():  # a rank that saved its result and then hung tearing the group down is not a failure
             p.terminate()
             p.join()
-            pytest.fail("DDP worker timed out")
+            if not (Path(out_dir) / f"rank{r}.pt").exists():
+                pytest.fail(f"DDP worker {r} timed out after {timeout} s without a result")
     results = []
     for r in range(world):
         f = Path(out_dir) / f"rank{r}.pt"
@@ -59,12 +60,16 @@ def gloo_rank(rank: int, port: int, world: int, out_dir: str) -> Iterator[dict[s
     torch.set_num_threads(1)
     result: dict[str, Any] = {}
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        # generous: on a loaded 2-core machine one rank can lag the other by tens of seconds (imports, a descheduled
+        # process); a real hang still fails, at the parent's join timeout
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         yield result
         dist.barrier()
     except Exception:  # report to the parent instead of dying silently
         result["error"] = traceback.format_exc()
     finally:
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        tmp = Path(out_dir) / f"rank{rank}.pt.tmp"
+        torch.save(result, tmp)
+        tmp.rename(Path(out_dir) / f"rank{rank}.pt")  # whole or absent, never half-written
         if dist.is_initialized():
             dist.destroy_process_group()

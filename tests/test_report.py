@@ -4,18 +4,15 @@ several runs at once, every PNG opened, the HTML page loaded in headless Chromiu
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from cli_args import BATCHED_IN_MEMORY, TINY_MMCR
+from kill_harness import pretrain_killed_at
 from PIL import Image
 
 from selfsup.cli import main, run_report
@@ -66,22 +63,32 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cifar_slice) -> tuple[Path, Path]:
     """``(finished, killed)``: a real 2-epoch run (3 steps per epoch) with the CSV logger, kNN monitor and spectrum
-    monitor on, made in this process while a second real run (5 steps per epoch, step checkpoints every 2) runs in a
-    child process that is SIGKILLed in the middle of its second epoch."""
+    monitor on, and a second real run (5 steps per epoch, step checkpoints every 2) in a child process that SIGKILLs
+    itself as step 8 starts, in the middle of its second epoch (after the step-8 checkpoint; the second epoch would end
+    at step 10). The kill is the child's own at a fixed step: an outside thread polling for the checkpoint was late
+    by a few steps under load, and the run was sometimes killed after its second epoch (a flaky test)."""
     base = tmp_path_factory.mktemp("report")
     finished, killed = base / "finished", base / "killed"
-    log = open(base / "killed.log", "w")  # noqa: SIM115 (the child writes to it until killed)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.Popen(
+    assert (
+        main(
+            [
+                "pretrain",
+                *RUN_ARGS,
+                "--data.root",
+                str(cifar_slice),
+                "--data.subset",
+                "60",
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.out_dir",
+                str(finished),
+            ]
+        )
+        == 0
+    )
+    proc = pretrain_killed_at(
+        8,
         [
-            sys.executable,
-            "-m",
-            "selfsup.cli",
-            "pretrain",
             *RUN_ARGS,
             "--data.root",
             str(cifar_slice),
@@ -94,47 +101,10 @@ def runs(tmp_path_factory, cifar_slice) -> tuple[Path, Path]:
             "--trainer.out_dir",
             str(killed),
         ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        base,
     )
-
-    def kill_at_step_8() -> None:  # epoch 1 ends at step 5 (kNN logged); step 8 is in the middle of epoch 2
-        deadline = time.time() + 240
-        while proc.poll() is None and time.time() < deadline:
-            if (killed / "checkpoints" / "step00000008.ckpt").exists():
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)  # our own child, by its pid
-
-    killer = threading.Thread(target=kill_at_step_8, daemon=True)
-    killer.start()
-    try:
-        assert (
-            main(
-                [
-                    "pretrain",
-                    *RUN_ARGS,
-                    "--data.root",
-                    str(cifar_slice),
-                    "--data.subset",
-                    "60",
-                    "--trainer.max_epochs",
-                    "2",
-                    "--trainer.out_dir",
-                    str(finished),
-                ]
-            )
-            == 0
-        )
-    finally:
-        killer.join()
-        proc.wait()
-        log.close()
-    assert proc.returncode == -signal.SIGKILL and (killed / "checkpoints" / "step00000008.ckpt").exists(), (
-        base / "killed.log"
-    ).read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (killed / "checkpoints" / "step00000008.ckpt").exists()
     return finished, killed
 
 
