@@ -38,14 +38,22 @@ def _fields(p):
 
 def test_presets_hold_the_seed_values():
     """Spec §5.2 / §7: (augmented, train augmentation, optimiser, lr, wd, batch, epochs, warm-up, lr scaling, head)."""
-    assert list(PROTOCOLS) == [
-        "fast",
-        "off-mmcr-cifar",
-        "off-mmcr-imagenet",
-        "min-mmcr",
-        "mec-imagenet",
-        "mae-linprobe",
-    ]  # mae-linprobe: tests/test_mae_linprobe.py
+    seeds = {"fast", "off-mmcr-cifar", "off-mmcr-imagenet", "min-mmcr", "mec-imagenet", "mae-linprobe"}
+    assert seeds <= set(PROTOCOLS)  # mae-linprobe: tests/test_mae_linprobe.py; the baselines' presets: below
+    # SwAV eval_linear.py: SGD 0.3, momentum 0.9, wd 1e-6, batch 256, 100 epochs, crop + flip (bilinear), no BN head
+    assert _fields(PROTOCOLS["swav-linear"]) == (
+        True,
+        "crop_flip",
+        "sgd",
+        (0.3,),
+        (1e-6,),
+        256,
+        100,
+        0.0,
+        "none",
+        "none",
+    )
+    assert PROTOCOLS["swav-linear"].crop_interpolation == "bilinear"
     # OFF-MEC main_lincls.py + linear.sh: LARC-wrapped SGD 0.03 x B/256, wd 0, batch 4096, BN(affine=False) head
     assert _fields(PROTOCOLS["mec-imagenet"]) == (
         True,

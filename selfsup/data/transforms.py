@@ -28,6 +28,8 @@ The presets in :data:`PRESETS` reproduce the reference repositories (spec §3.2)
   CIFAR: 32 px, CIFAR mean/std, no blur, solarize 0 / 0.2, as solo-learn).
 * ``mae`` / ``mae_cifar``: MAE's crop (scale (0.2, 1), bicubic) and flip only.
 * ``can`` / ``can_cifar``: CAN's symmetric SimCLR-style pair source (crop scale (0.2, 1); ImageNet: blur p 0.5).
+* ``swav`` / ``swav_local`` / ``swav_cifar``: SwAV's global (224 px, scale (0.14, 1)) and local (96 px,
+  (0.05, 0.14)) views and solo-learn's CIFAR set (strong jitter, blur p 0.5).
 * ``dino`` / ``dino_local``: DINO's global pair (224 px, scale (0.4, 1)) and its local crops (96 px, (0.05, 0.4)),
   for multi-crop (``data.local_views``, :mod:`selfsup.data.multicrop`).
 
@@ -265,6 +267,25 @@ _MAE = dataclasses.replace(
 # p .8, gray .2; global 1 blur 1.0, global 2 blur 0.1 + solarize 0.2; local crops RRC(96, (0.05, 0.4)), blur 0.5.
 _DINO_GLOBAL = dataclasses.replace(_MEC_1, scale=(0.4, 1.0), interpolation="bicubic", eval_interpolation="bicubic")
 
+# SwAV (facebookresearch/swav src/multicropdataset.py): RandomResizedCrop(224, scale (0.14, 1), bilinear), flip,
+# get_color_distortion(s=1): ColorJitter(0.8, 0.8, 0.8, 0.2) p .8 + RandomGrayscale .2, PILRandomGaussianBlur radius
+# (0.1, 2) p .5, ImageNet mean/std (the official std reads 0.228 for red); the global views of multi-crop.
+_SWAV = Augment(
+    crop_size=224,
+    scale=(0.14, 1.0),
+    interpolation="bilinear",
+    flip_p=0.5,
+    jitter=(0.8, 0.8, 0.8, 0.2),
+    jitter_p=0.8,
+    gray_p=0.2,
+    blur_p=0.5,
+    blur_sigma=(0.1, 2.0),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    eval_resize=256,
+    eval_interpolation="bilinear",
+)
+
 PRESETS: dict[str, AugmentSpec] = {
     # OFF-MMCR CIFAR-10: RRC(32, (0.08, 1), bilinear), flip .5, jitter(.4,.4,.4,.1) p=.8, gray .2.
     "cifar10": _CIFAR10,
@@ -316,6 +337,14 @@ PRESETS: dict[str, AugmentSpec] = {
     "dino": (_DINO_GLOBAL, dataclasses.replace(_DINO_GLOBAL, blur_p=0.1, solarize_p=0.2)),
     # DINO's local views: RRC(96, (0.05, 0.4), bicubic), flip, the same jitter and gray, blur p .5.
     "dino_local": dataclasses.replace(_DINO_GLOBAL, crop_size=96, scale=(0.05, 0.4), blur_p=0.5),
+    # SwAV's 2 global views (data.views 2; data.local_augment swav_local).
+    "swav": _SWAV,
+    # SwAV's local views: RandomResizedCrop(96, (0.05, 0.14)), the same photometric ops; kernel 13 covers PIL's blur
+    # (about ±3σ at σ 2).
+    "swav_local": dataclasses.replace(_SWAV, crop_size=96, scale=(0.05, 0.14), blur_kernel=13),
+    # SwAV CIFAR (solo-learn scripts/pretrain/cifar/augmentations/symmetric.yaml): RRC(32, (0.08, 1)), flip, jitter
+    # (0.8, 0.8, 0.8, 0.2) p .8, gray .2, PIL blur sigma (0.1, 2) p .5 (kernel 13), CIFAR-10 mean/std.
+    "swav_cifar": dataclasses.replace(_CIFAR10, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, blur_kernel=13),
 }
 
 

@@ -195,6 +195,33 @@ PROTOCOLS: dict[str, Protocol] = {
             "not in the repository",
         ),
         Protocol(
+            name="swav-linear",
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.3,),
+                weight_decays=(1e-6,),
+                batch_size=256,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="none",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            eval_transform="Resize 256 + CenterCrop 224 (the swav preset's eval transform)",
+            source="facebookresearch/swav eval_linear.py: frozen ResNet-50 in eval mode, global average pool, "
+            "Linear(2048, 1000) (N(0, 0.01), zero bias), no BN (use_bn False); RandomResizedCrop(224) + flip; SGD "
+            "lr 0.3, momentum 0.9, wd 1e-6, cosine to 0, 100 epochs, batch 32 x 8 GPUs = 256; val Resize 256 + "
+            "CenterCrop 224",
+            differs="cosine per step, not per epoch; no weight decay on the bias; 1% of train held out for "
+            "selection (the official reports best_acc, the max val top-1 over epochs, i.e. selected on the "
+            "reported split)",
+            reproduces="SwAV README model zoo, ResNet-50 linear top-1: 75.3 (800 ep, batch 4096, 2x224+6x96), "
+            "74.6 / 73.9 / 72.1 (400 / 200 / 100 ep), 74.3 / 72.7 (400 / 200 ep, batch 256), 70.1 (400 ep, 2x224)",
+        ),
+        Protocol(
             name="min-mmcr",
             probe=ProbeConfig(
                 epochs=50,

@@ -9,6 +9,7 @@ from selfsup.methods.mec import MEC
 from selfsup.methods.mmcr import MMCR
 from selfsup.methods.registry import available_methods, get_method, register_method
 from selfsup.methods.simclr import SimCLR
+from selfsup.methods.swav import SwAV
 
 __all__ = [
     "BYOL",
@@ -21,6 +22,7 @@ __all__ = [
     "EMATeacher",
     "Method",
     "SimCLR",
+    "SwAV",
     "available_methods",
     "get_method",
     "register_method",
