@@ -277,7 +277,8 @@ def test_generator_determinism(images_u8: torch.Tensor) -> None:
 
 
 def test_presets_match_spec() -> None:
-    assert set(PRESETS) == {
+    # the seeds' presets (checked value by value below); methods added later bring their own, tested with them
+    assert set(PRESETS) >= {
         "cifar10",
         "cifar100",
         "cifar_min",
