@@ -26,14 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {
-    "mmcr": "cpu-small.yaml",
-    "mec": "mec-cpu-small.yaml",
-    "simclr": "simclr-cpu-small.yaml",
-    "byol": "byol-cpu-small.yaml",
-    "mae": "mae-cpu-small.yaml",
-    "can": "can-cpu-small.yaml",
-}
+
+
+def recipe_path(name: str) -> str:
+    """``mmcr`` is ``cpu-small.yaml``; any other short name ``X`` is the shipped ``X-cpu-small.yaml``; else a path."""
+    from selfsup.recipes import RECIPES_DIR
+
+    file = RECIPES_DIR / ("cpu-small.yaml" if name == "mmcr" else f"{name}-cpu-small.yaml")
+    return str(file) if file.exists() else name
 
 
 def evaluate(backbone, data, linear: bool) -> dict:
@@ -94,7 +94,13 @@ def _state_digest(module: torch.nn.Module) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zip", default=str(ROOT.parent / "shared/datasets/cifar10-jpeg.zip"))
-    ap.add_argument("--recipes", nargs="+", default=["mmcr"], help=f"names ({', '.join(RECIPES)}) or YAML paths")
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["mmcr"],
+        help="short names (mmcr, mec, simclr, byol, mae, can, dino, swav, barlow, vicreg, mocov3, simsiam, ...: the "
+        "shipped X-cpu-small.yaml) or YAML paths",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default=None, help="also write the JSON here")
     ap.add_argument("--linear", action="store_true", help="also run the `fast` linear probe (cached features)")
@@ -106,7 +112,7 @@ def main() -> None:
 
     rows, random_knn, random_digest, results = [], None, None, {}
     for name in args.recipes:
-        recipe = str(ROOT / "recipes" / RECIPES[name]) if name in RECIPES else name
+        recipe = recipe_path(name)
         init, cfg = _instantiate(recipe, args.zip, overrides, args.runs_dir)
         digest = _state_digest(init.method.backbone)
         if random_knn is None:
@@ -139,6 +145,8 @@ def main() -> None:
             f"{name}: kNN top-1 {knn['top1']:.2f}%{_lin(knn)} after {minutes:.1f} min ({cfg.trainer.max_steps} steps)",
             flush=True,
         )
+        if args.output:  # after every run, so a long bench that is stopped keeps what it measured
+            Path(args.output).write_text(json.dumps({"random_init": random_knn, "runs": results}, indent=2))
     res = {"random_init": random_knn, "runs": results, "overrides": overrides, "threads": args.threads}
     print(json.dumps(res, indent=2))
     if args.output:

@@ -114,9 +114,27 @@ def _knn_parser() -> ArgumentParser:
         description="kNN accuracy of a backbone (cosine, top-k vote weighted by exp(sim/T)).", exit_on_error=False
     )
     _eval_common(p)
-    p.add_argument("--k", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument(
+        "--protocol",
+        type=Literal["selfsup", "dino"],
+        default="selfsup",
+        help="k and T: selfsup (200, 0.5) or dino (20, 0.07; DINO eval_knn.py); --k / --temperature override",
+    )
+    p.add_argument("--k", type=Optional[int], default=None, help="default: the protocol's")
+    p.add_argument("--temperature", type=Optional[float], default=None, help="default: the protocol's")
+    _add_pool_argument(p)
     return p
+
+
+def _add_pool_argument(p: ArgumentParser, default: str = "the backbone's own") -> None:
+    p.add_argument(
+        "--pool",
+        type=Optional[Literal["token", "avg", "last4", "token+avg"]],
+        default=None,
+        help="ViT features: token (class token), avg (mean patch token), last4 (DINO: class tokens of the last 4 "
+        f"blocks concatenated), token+avg (DINO ViT-B: class token + mean patch token); default: {default} "
+        "(selfsup.eval.pool)",
+    )
 
 
 def _linear_parser() -> ArgumentParser:
@@ -161,13 +179,7 @@ def _linear_parser() -> ArgumentParser:
     )
     p.add_argument("--val_fraction", type=Optional[float], default=None)
     p.add_argument("--seed", type=Optional[int], default=None)
-    p.add_argument(
-        "--pool",
-        type=Optional[Literal["token", "avg"]],
-        default=None,
-        help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own "
-        "(selfsup.eval.pool)",
-    )
+    _add_pool_argument(p, default="the protocol's, else the backbone's own")
     return p
 
 
@@ -440,17 +452,23 @@ def run_knn(argv: list[str]) -> dict:
     parser = _knn_parser()
     cfg = parser.parse_args(argv)
     backbone, data, _, device = _eval_setup(cfg)
-    from selfsup.eval.knn import knn_accuracy
+    from selfsup.eval.knn import KNN_PROTOCOLS, knn_accuracy
+    from selfsup.eval.pool import probe_pool, probe_pool_name
 
+    backbone = probe_pool(backbone, cfg.pool)
+    k = cfg.k if cfg.k is not None else int(KNN_PROTOCOLS[cfg.protocol]["k"])
+    temperature = cfg.temperature if cfg.temperature is not None else KNN_PROTOCOLS[cfg.protocol]["temperature"]
     t0 = time.time()
     bank_f, bank_y, c = _features(backbone, data, data.bank_split, cfg.data.batch_size, device)
     test_f, test_y, _ = _features(backbone, data, data.test_split, cfg.data.batch_size, device)
-    acc = knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=c, k=cfg.k, temperature=cfg.temperature)
+    acc = knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=c, k=k, temperature=temperature)
     result = {
         "checkpoint": cfg.checkpoint,
         "dataset": data.dataset,
-        "k": cfg.k,
-        "temperature": cfg.temperature,
+        "protocol": cfg.protocol,
+        "k": k,
+        "temperature": temperature,
+        "pool": probe_pool_name(backbone),
         "bank": int(bank_y.numel()),
         "test": int(test_y.numel()),
         **acc,
@@ -488,9 +506,9 @@ def run_linear(argv: list[str]) -> dict:
     cfg = parser.parse_args(argv)
     backbone, data, meta, device = _eval_setup(cfg)
     protocol = linear_protocol(cfg, meta)
-    from selfsup.eval.pool import current_pool, set_global_pool
+    from selfsup.eval.pool import probe_pool, probe_pool_name
 
-    set_global_pool(backbone, cfg.pool)
+    backbone = probe_pool(backbone, cfg.pool or protocol.pool)
     from selfsup.eval.linear import linear_probe_augmented, linear_probe_cached
 
     t0 = time.time()
@@ -526,7 +544,7 @@ def run_linear(argv: list[str]) -> dict:
         "protocol": protocol.name,
         "augmented": protocol.augmented,
         "train_augment": protocol.train_augment,
-        "pool": current_pool(backbone),
+        "pool": probe_pool_name(backbone),
         **res.to_dict(),
         "total_seconds": round(time.time() - t0, 2),
     }
@@ -771,12 +789,7 @@ def _fewshot_parser() -> ArgumentParser:
     )
     _eval_common(p)
     p.add_class_arguments(FewShotConfig, "fewshot")
-    p.add_argument(
-        "--pool",
-        type=Optional[Literal["token", "avg"]],
-        default=None,
-        help="ViT pooling: token (class token) or avg (mean patch token); default: the backbone's own",
-    )
+    _add_pool_argument(p)
     return p
 
 
@@ -787,9 +800,9 @@ def run_fewshot(argv: list[str]) -> dict:
     backbone, data, _, device = _eval_setup(cfg)
     from selfsup.data.build import build_eval_dataset, train_augmented_dataset
     from selfsup.eval.fewshot import few_shot_eval
-    from selfsup.eval.pool import current_pool, set_global_pool
+    from selfsup.eval.pool import probe_pool, probe_pool_name
 
-    set_global_pool(backbone, cfg.pool)
+    backbone = probe_pool(backbone, cfg.pool)
     t0 = time.time()
     support = build_eval_dataset(data, data.bank_split)
     query = support if data.test_split == data.bank_split else build_eval_dataset(data, data.test_split)
@@ -810,7 +823,7 @@ def run_fewshot(argv: list[str]) -> dict:
         "dataset": data.dataset,
         "support_split": data.bank_split,
         "query_split": data.test_split,
-        "pool": current_pool(backbone),
+        "pool": probe_pool_name(backbone),
         **res.to_dict(),
         "total_seconds": round(time.time() - t0, 2),
     }

@@ -345,6 +345,28 @@ PRESETS: dict[str, AugmentSpec] = {
     # SwAV CIFAR (solo-learn scripts/pretrain/cifar/augmentations/symmetric.yaml): RRC(32, (0.08, 1)), flip, jitter
     # (0.8, 0.8, 0.8, 0.2) p .8, gray .2, PIL blur sigma (0.1, 2) p .5 (kernel 13), CIFAR-10 mean/std.
     "swav_cifar": dataclasses.replace(_CIFAR10, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, blur_kernel=13),
+    # DINO at 32 px (solo-learn scripts/pretrain/cifar/dino.yaml: asymmetric.yaml): the ``byol_cifar`` pipelines.
+    "dino_cifar": (_BYOL_CIFAR, dataclasses.replace(_BYOL_CIFAR, solarize_p=0.2)),
+    # Local crops for 32 px multi-crop (not in solo-learn, which has none at 32 px): RRC(16, (0.05, 0.4)) with the
+    # global crops' jitter and gray, DINO's local scale range at half the global side (DINO: 96 of 224).
+    "dino_cifar_local": dataclasses.replace(_BYOL_CIFAR, crop_size=16, scale=(0.05, 0.4)),
+    # MoCo v3 (main_moco.py augmentation1 / augmentation2 at the default --crop-min 0.08, the ViT runs): ``mec``
+    # with RRC scale (0.08, 1).
+    "mocov3": (
+        dataclasses.replace(_MEC_1, scale=(0.08, 1.0)),
+        dataclasses.replace(_MEC_1, scale=(0.08, 1.0), blur_p=0.1, solarize_p=0.2),
+    ),
+    # SimSiam (main_simsiam.py, MoCo v2's augmentation): RRC(224, (0.2, 1)) bilinear, jitter (.4, .4, .4, .1) p .8,
+    # gray .2, blur sigma (0.1, 2) p .5, flip; symmetric.
+    "simsiam": dataclasses.replace(_MEC_1, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5),
+    # SimSiam CIFAR (solo-learn symmetric_weak.yaml): RRC(32, (0.08, 1)) bicubic, jitter (.4, .4, .4, .1) p .8, gray
+    # .2, PIL blur sigma (0.1, 2) p .5 (kernel 13), no solarisation; symmetric.
+    "simsiam_cifar": dataclasses.replace(_CIFAR10, interpolation="bicubic", blur_p=0.5, blur_kernel=13),
+    # VICReg CIFAR (solo-learn scripts/pretrain/cifar/vicreg.yaml, inline): RRC(32, (0.2, 1)) bicubic, jitter (.4, .4,
+    # .2, .1) p .8, gray .2, no blur, solarize p .1; symmetric.
+    "vicreg_cifar": dataclasses.replace(
+        _CIFAR10, interpolation="bicubic", scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), solarize_p=0.1
+    ),
 }
 
 

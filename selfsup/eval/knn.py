@@ -40,7 +40,14 @@ from torch import Tensor
 
 from selfsup.eval.features import check_labels
 
-__all__ = ["knn_accuracy", "knn_scores", "knn_topk", "merge_topk", "topk_accuracy", "vote"]
+__all__ = ["KNN_PROTOCOLS", "knn_accuracy", "knn_scores", "knn_topk", "merge_topk", "topk_accuracy", "vote"]
+
+#: kNN settings the papers report: ``selfsup`` (k 200, T 0.5: the monitor's and the cpu-small bench's), ``dino``
+#: (DINO eval_knn.py as its README reports: weighted 20-NN, T 0.07, on the teacher's backbone).
+KNN_PROTOCOLS: dict[str, dict[str, float]] = {
+    "selfsup": {"k": 200, "temperature": 0.5},
+    "dino": {"k": 20, "temperature": 0.07},
+}
 
 
 def _first_topk(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -90,6 +90,9 @@ class Protocol:
         source: the seed's protocol and values this preset takes (spec §5.2 / §7).
         differs: where the preset deliberately differs from the seed.
         reproduces: the reported number(s) this protocol is the one to compare against.
+        crop_interpolation: interpolation of the ``crop_flip`` RandomResizedCrop.
+        pool: the features the head reads (:func:`selfsup.eval.pool.probe_pool`: ``token``, ``avg``, ``last4``,
+            ``token+avg``); ``None``: the backbone's own pooling. ``selfsup linear --pool`` overrides it.
     """
 
     name: str
@@ -101,6 +104,7 @@ class Protocol:
     differs: str
     reproduces: str
     crop_interpolation: str = "bicubic"
+    pool: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.augmented and self.train_augment not in ("ssl", "crop_flip"):
@@ -220,6 +224,215 @@ PROTOCOLS: dict[str, Protocol] = {
             "reported split)",
             reproduces="SwAV README model zoo, ResNet-50 linear top-1: 75.3 (800 ep, batch 4096, 2x224+6x96), "
             "74.6 / 73.9 / 72.1 (400 / 200 / 100 ep), 74.3 / 72.7 (400 / 200 ep, batch 256), 70.1 (400 ep, 2x224)",
+        ),
+        Protocol(
+            name="dino-linear",
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.001,),
+                weight_decays=(0.0,),
+                batch_size=1024,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            eval_transform="Resize 256 + CenterCrop 224 (the dino / imagenet presets' eval transform; DINO resizes bicubic)",
+            source="facebookresearch/dino eval_linear.py (ResNet-50): frozen backbone in eval mode, its global "
+            "average pool, Linear(2048, 1000) (N(0, 0.01), zero bias), no BN; RandomResizedCrop(224) + flip; "
+            "SGD momentum 0.9, wd 0, lr 0.001 x B/256 at batch 128 x 8 GPUs = 1024, cosine to 0, 100 epochs; "
+            "val Resize 256 + CenterCrop 224",
+            differs="cosine per step, not per epoch; 1% of train held out for selection (the official reports the "
+            "best val top-1 over epochs, i.e. selected on the reported split); the README sweeps lr for its "
+            "tables (--lr)",
+            reproduces="DINO README, ResNet-50 (the released checkpoint): linear 75.3 top-1 (k-NN 67.5 with `selfsup knn "
+            "--protocol dino`)",
+        ),
+        Protocol(
+            name="dino-linear-vits",
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.001,),
+                weight_decays=(0.0,),
+                batch_size=1024,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            pool="last4",
+            eval_transform="Resize 256 + CenterCrop 224 (the dino preset's eval transform)",
+            source="facebookresearch/dino eval_linear.py for ViT-S: --n_last_blocks 4 --avgpool_patchtokens false, "
+            "the class tokens of the last 4 blocks after the final LayerNorm concatenated ([N, 4D], pool "
+            "last4), Linear(4D, 1000) (N(0, 0.01), zero bias), no BN; RandomResizedCrop(224) + flip; SGD "
+            "momentum 0.9, wd 0, lr 0.001 x B/256 at batch 1024, cosine to 0, 100 epochs",
+            differs="cosine per step, not per epoch; 1% of train held out for selection (the official reports the "
+            "best val top-1 over epochs, i.e. selected on the reported split); the README sweeps lr for its "
+            "tables (--lr)",
+            reproduces="DINO README ViT-S/16: linear 74.0 (100 epochs, recipes/dino-imagenet-vits16.yaml), 76.0 (300 "
+            "epochs, boosted), 77.0 (800 epochs); k-NN 69.3 / 73.3 / 74.5 with `selfsup knn --protocol dino`",
+        ),
+        Protocol(
+            name="dino-linear-vitb",
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.001,),
+                weight_decays=(0.0,),
+                batch_size=1024,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            pool="token+avg",
+            eval_transform="Resize 256 + CenterCrop 224 (the dino preset's eval transform)",
+            source="facebookresearch/dino eval_linear.py for ViT-B: --n_last_blocks 1 --avgpool_patchtokens true, "
+            "the last block's class token and mean patch token after the final LayerNorm ([N, 2D], pool "
+            "token+avg), Linear(2D, 1000), no BN; otherwise as dino-linear-vits",
+            differs="cosine per step, not per epoch; 1% of train held out for selection (the official reports the "
+            "best val top-1 over epochs, i.e. selected on the reported split)",
+            reproduces="DINO README ViT-B/16 (400 epochs): linear 78.2, k-NN 76.1",
+        ),
+        Protocol(
+            name="barlow-imagenet",
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.3,),
+                weight_decays=(1e-06,),
+                batch_size=256,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="none",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            eval_transform="Resize 256 + CenterCrop 224 (the imagenet preset's eval transform)",
+            source="facebookresearch/barlowtwins evaluate.py --lr-classifier 0.3 (frozen weights): ResNet-50 in eval "
+            "mode, Linear(2048, 1000) (N(0, 0.01), zero bias), no BN; RandomResizedCrop(224) + flip; SGD lr "
+            "0.3 (not batch-scaled), momentum 0.9, wd 1e-6, cosine to 0 over 100 epochs, batch 256; val "
+            "Resize 256 + CenterCrop 224",
+            differs="cosine per step, not per epoch; no weight decay on the bias; 1% of train held out for selection "
+            "(the official reports the best val top-1 over epochs, i.e. selected on the reported split)",
+            reproduces="Barlow Twins README: ResNet-50, 1000 epochs, linear 73.5 top-1 / 91.0 top-5 (paper 73.2; "
+            "recipes/barlow-imagenet.yaml)",
+        ),
+        Protocol(
+            name="vicreg-imagenet",
+            probe=ProbeConfig(
+                epochs=100,
+                lrs=(0.02,),
+                weight_decays=(1e-06,),
+                batch_size=256,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="none",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            eval_transform="Resize 256 + CenterCrop 224 (the imagenet preset's eval transform)",
+            source="facebookresearch/vicreg evaluate.py --lr-head 0.02 (frozen weights): ResNet-50 in eval mode, "
+            "Linear(2048, 1000) (N(0, 0.01), zero bias), no BN; RandomResizedCrop(224) + flip; SGD lr 0.02, "
+            "momentum 0.9, wd 1e-6, cosine to 0 over 100 epochs, batch 256; val Resize 256 + CenterCrop 224",
+            differs="cosine per step, not per epoch; no weight decay on the bias; 1% of train held out for selection "
+            "(the official reports the best val top-1 over epochs, i.e. selected on the reported split)",
+            reproduces="VICReg README: ResNet-50, 1000 epochs, linear 73.2 top-1 (recipes/vicreg-imagenet.yaml)",
+        ),
+        Protocol(
+            name="mocov3-linear",
+            probe=ProbeConfig(
+                epochs=90,
+                lrs=(0.1,),
+                weight_decays=(0.0,),
+                batch_size=1024,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            eval_transform="Resize 256 + CenterCrop 224 (the mec / mocov3 presets' eval transform)",
+            source="facebookresearch/moco-v3 main_lincls.py (ResNet-50): frozen backbone in eval mode, Linear(2048, "
+            "1000) (N(0, 0.01), zero bias), no BN; RandomResizedCrop(224) + flip; SGD lr 0.1 x B/256 at batch "
+            "1024, momentum 0.9, wd 0, cosine, 90 epochs; val Resize 256 + CenterCrop 224",
+            differs="cosine per step, not per epoch; 1% of train held out for selection (the official reports the "
+            "best val top-1 over epochs, i.e. selected on the reported split)",
+            reproduces="MoCo v3 CONFIG.md, ResNet-50: linear 68.9 (100 epochs), 72.8 (300), 74.6 (1000) top-1 "
+            "(recipes/mocov3-imagenet-resnet50*.yaml)",
+        ),
+        Protocol(
+            name="mocov3-vit-linear",
+            probe=ProbeConfig(
+                epochs=90,
+                lrs=(3.0,),
+                weight_decays=(0.0,),
+                batch_size=1024,
+                optimizer="sgd",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            pool="token",
+            eval_transform="Resize 256 + CenterCrop 224 (the mocov3 preset's eval transform)",
+            source="facebookresearch/moco-v3 main_lincls.py -a vit_small / vit_base --lr 3: the class token after "
+            "the final LayerNorm (pool token), Linear(D, 1000) (N(0, 0.01), zero bias), no BN; "
+            "RandomResizedCrop(224) + flip; SGD lr 3 x B/256 at batch 1024, momentum 0.9, wd 0, cosine, 90 "
+            "epochs",
+            differs="cosine per step, not per epoch; 1% of train held out for selection (the official reports the "
+            "best val top-1 over epochs, i.e. selected on the reported split)",
+            reproduces="MoCo v3 CONFIG.md: ViT-S/16 300 epochs linear 73.2, ViT-B/16 300 epochs 76.7 "
+            "(recipes/mocov3-imagenet-vit*.yaml)",
+        ),
+        Protocol(
+            name="simsiam-linear",
+            probe=ProbeConfig(
+                epochs=90,
+                lrs=(0.1,),
+                weight_decays=(0.0,),
+                batch_size=4096,
+                optimizer="lars",
+                momentum=0.9,
+                feature_norm="none",
+                scale_lr="linear",
+                val_fraction=0.01,
+            ),
+            augmented=True,
+            train_augment="crop_flip",
+            crop_interpolation="bilinear",
+            eval_transform="Resize 256 + CenterCrop 224 (the simsiam preset's eval transform)",
+            source="facebookresearch/simsiam main_lincls.py --lars: frozen ResNet-50 in eval mode, Linear(2048, "
+            "1000) (N(0, 0.01), zero bias), no BN; RandomResizedCrop(224) + flip; LARS (trust 0.001) on SGD "
+            "lr 0.1 x B/256 at batch 4096, momentum 0.9, wd 0, cosine, 90 epochs; val Resize 256 + CenterCrop "
+            "224",
+            differs="cosine per step, not per epoch; the LARS trust ratio skips the bias (the official LARS excludes "
+            "1-D parameters too); 1% of train held out for selection (the official reports the best val top-1 "
+            "over epochs, i.e. selected on the reported split)",
+            reproduces="SimSiam README: ResNet-50, 100 epochs, linear 68.1 top-1 at batch 512 (68.3 at 256; "
+            "recipes/simsiam-imagenet.yaml)",
         ),
         Protocol(
             name="min-mmcr",
