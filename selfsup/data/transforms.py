@@ -367,6 +367,30 @@ PRESETS: dict[str, AugmentSpec] = {
     "vicreg_cifar": dataclasses.replace(
         _CIFAR10, interpolation="bicubic", scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), solarize_p=0.1
     ),
+    # I-JEPA (facebookresearch/ijepa src/transforms.py make_transforms with configs/in1k_vith14_ep300.yaml: crop_scale
+    # (0.3, 1.0), use_horizontal_flip / use_color_distortion / use_gaussian_blur false): RandomResizedCrop(224, (0.3,
+    # 1), torchvision's default bilinear and ratio (3/4, 4/3)), no flip, nothing photometric; ImageNet mean/std.
+    "ijepa": dataclasses.replace(
+        _IMAGENET_A,
+        scale=(0.3, 1.0),
+        interpolation="bilinear",
+        flip_p=0.0,
+        jitter=(0.0, 0.0, 0.0, 0.0),
+        jitter_p=0.0,
+        gray_p=0.0,
+        blur_p=0.0,
+        solarize_p=0.0,
+    ),
+    # I-JEPA at 32 px: the same crop-only pipeline, CIFAR-10 mean/std, no eval resize.
+    "ijepa_cifar": Augment(
+        crop_size=32,
+        scale=(0.3, 1.0),
+        interpolation="bilinear",
+        flip_p=0.0,
+        jitter=(0.0, 0.0, 0.0, 0.0),
+        jitter_p=0.0,
+        gray_p=0.0,
+    ),
 }
 
 

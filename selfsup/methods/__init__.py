@@ -5,6 +5,8 @@ from selfsup.methods.base import Batch, EMATeacher, Method
 from selfsup.methods.byol import BYOL
 from selfsup.methods.can import CAN
 from selfsup.methods.dino import DINO
+from selfsup.methods.ibot import IBOT
+from selfsup.methods.ijepa import IJEPA
 from selfsup.methods.imle import IMLE
 from selfsup.methods.mae import MAE
 from selfsup.methods.mec import MEC
@@ -20,6 +22,8 @@ __all__ = [
     "BYOL",
     "CAN",
     "DINO",
+    "IBOT",
+    "IJEPA",
     "IMLE",
     "MAE",
     "MEC",
