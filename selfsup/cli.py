@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
@@ -264,7 +264,12 @@ def _demo_parser() -> ArgumentParser:
     )
     p.add_argument("--out_dir", type=Optional[str], default=None, help="default: runs/demo-<time>")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--progress_bar", type=bool, default=True)
+    p.add_argument(
+        "--progress_bar",
+        type=Union[bool, Literal["auto", "bar", "lines", "none"]],
+        default="auto",
+        help="auto: a bar on a terminal, else one line per logging interval",
+    )
     return p
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,7 +22,7 @@ from selfsup.methods import MMCR
 DEMO_BACKBONE = {"name": "resnet10", "kwargs": {"cifar_stem": True, "width": 32}}
 
 
-def demo_configs(out_dir: str, epochs: int, progress_bar: bool = True):
+def demo_configs(out_dir: str, epochs: int, progress_bar: Union[bool, str] = "auto"):
     data = DataConfig(
         dataset="demo", batch_size=64, views=4, augment="cifar10", view_mode="batched", in_memory=True, num_workers=0
     )
@@ -65,7 +65,9 @@ def evaluate(backbone: torch.nn.Module, data: DataConfig, probe_epochs: int = 30
     }
 
 
-def demo(out_dir: Optional[str] = None, epochs: int = 10, progress_bar: bool = True, seed: int = 0) -> dict:
+def demo(
+    out_dir: Optional[str] = None, epochs: int = 10, progress_bar: Union[bool, str] = "auto", seed: int = 0
+) -> dict:
     from selfsup.engine.pretrain import pretrain
 
     torch.manual_seed(seed)

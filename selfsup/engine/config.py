@@ -187,7 +187,8 @@ class TrainerConfig:
             A requeued SLURM job resumes automatically.
         logger: ``csv``, ``tensorboard``, ``wandb`` or ``none``.
         log_every_n_steps: logging period.
-        progress_bar: show a progress bar.
+        progress_bar: ``auto`` (a tqdm bar on a terminal, else one complete line per ``log_every_n_steps``:
+            :mod:`selfsup.engine.progress`), ``bar`` / ``true``, ``lines``, ``none`` / ``false``.
         accumulate_grad_batches: gradient accumulation (the loss still sees one step's batch).
     """
 
@@ -208,5 +209,5 @@ class TrainerConfig:
     resume: Union[bool, str] = False
     logger: Literal["csv", "tensorboard", "wandb", "none"] = "csv"
     log_every_n_steps: int = 20
-    progress_bar: bool = True
+    progress_bar: Union[bool, Literal["auto", "bar", "lines", "none"]] = "auto"
     accumulate_grad_batches: int = 1

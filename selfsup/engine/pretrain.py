@@ -24,6 +24,7 @@ from selfsup.engine.checkpoint import AtomicCheckpointIO, check_compatible, reso
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
 from selfsup.engine.loggers import build_logger
 from selfsup.engine.module import SelfSupModule
+from selfsup.engine.progress import LineProgress, progress_mode
 from selfsup.engine.spectrum import SPECTRUM_FILE, SpectrumMonitor
 from selfsup.methods.base import Method
 from selfsup.precision import native_bf16
@@ -328,8 +329,11 @@ def pretrain(
         )
     if monitor.spectrum_every_n_steps:
         callbacks.append(SpectrumMonitor(monitor.spectrum_every_n_steps, out / SPECTRUM_FILE))
-    if trainer.progress_bar:
+    progress = progress_mode(trainer.progress_bar)
+    if progress == "bar":
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, trainer.log_every_n_steps // 4)))
+    elif progress == "lines":
+        callbacks.append(LineProgress(trainer.log_every_n_steps))
     callbacks.extend(extra_callbacks)
 
     pl_trainer = L.Trainer(
@@ -346,7 +350,7 @@ def pretrain(
         logger=build_logger(trainer, _checkpoint_step(ckpt_path)),
         callbacks=callbacks,
         log_every_n_steps=trainer.log_every_n_steps,
-        enable_progress_bar=trainer.progress_bar,
+        enable_progress_bar=progress == "bar",
         enable_model_summary=False,
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         use_distributed_sampler=False,
