@@ -1,5 +1,5 @@
 """``selfsup`` command line: ``demo``, ``pretrain``, ``knn``, ``linear``, ``finetune``, ``export``, ``reconstruct``,
-``report``, ``select``, ``fewshot``.
+``report``, ``select``, ``fewshot``, ``recipes``, ``submit``.
 
 Configs are typed (jsonargparse): a recipe YAML is read with ``--config``, any field can be
 overridden on the command line (``--optim.lr 0.002``, ``--method.init_args.lmbda 0.1``), and an
@@ -836,6 +836,26 @@ def run_fewshot(argv: list[str]) -> dict:
     return result
 
 
+def _submit_parser():
+    from selfsup.submit import SubmitParser
+
+    return SubmitParser()  # submit flags, then `--` and the pretrain arguments (selfsup.submit)
+
+
+def run_submit(argv: list[str]):
+    """``selfsup submit [submit flags] -- <pretrain arguments>``: the run as a requeued submitit job."""
+    from selfsup.submit import submit
+
+    parsed = _submit_parser().parse_args(argv)
+    try:
+        job = submit(parsed.pretrain_argv, parsed.options)
+    except ImportError as e:  # submitit missing: one line naming the extra
+        raise ValueError(str(e)) from None
+    if parsed.options.wait:
+        print(json.dumps(job.result(), indent=2))
+    return job
+
+
 COMMANDS = {
     "demo": run_demo,
     "pretrain": run_pretrain,
@@ -848,6 +868,7 @@ COMMANDS = {
     "select": run_select,
     "fewshot": run_fewshot,
     "recipes": run_recipes,
+    "submit": run_submit,
 }
 
 
