@@ -222,11 +222,15 @@ class SelfSupModule(L.LightningModule):
                 if base > 0:
                     group["weight_decay"] = cosine(base, base * cfg.weight_decay_end / cfg.weight_decay, step, total)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Only after a real optimiser step (gradient accumulation). global_step already counts it, so the step just
-        # taken is global_step - 1: the first EMA update uses tau(0), as the seeds do.
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.method.on_train_step_end(self.global_step - 1, int(self.trainer.estimated_stepping_batches))
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimiser step, then the method's end-of-step work (its teachers' EMA step) for the step just taken
+        (``global_step`` before it: the first EMA update uses tau(0), as the seeds do). Here, not in
+        ``on_train_batch_end``: Lightning runs the callbacks' ``on_train_batch_end`` (where a step checkpoint is
+        saved) before the module's, so a checkpoint of step k would miss step k's EMA update and a resume from it
+        would not equal the uninterrupted run. Called once per real step (after gradient accumulation)."""
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.method.on_train_step_end(step, int(self.trainer.estimated_stepping_batches))
 
     def _steps_per_epoch(self) -> int:
         t = self.trainer
