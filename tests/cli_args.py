@@ -11,3 +11,7 @@ TINY_MMCR = shlex.split(
 )
 #: Two views per image made as one batched op from images decoded once into memory, no loader workers.
 BATCHED_IN_MEMORY = shlex.split("--data.views 2 --data.view_mode batched --data.in_memory true --data.num_workers 0")
+#: No logger, no progress output, no kNN or spectrum monitor: a run that only trains and checkpoints.
+QUIET = shlex.split(
+    "--trainer.logger none --trainer.progress_bar false --monitor.every_n_epochs 0 --monitor.spectrum_every_n_steps 0"
+)

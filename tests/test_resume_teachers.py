@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from cli_args import BATCHED_IN_MEMORY
+from cli_args import BATCHED_IN_MEMORY, QUIET
 from kill_harness import pretrain_killed_at
 
 from selfsup.cli import main
@@ -54,14 +54,7 @@ def test_killed_mid_epoch_then_resumed_equals_the_uninterrupted_run(name, tmp_pa
         "2",
         "--trainer.save_every_n_steps",
         "2",
-        "--trainer.logger",
-        "none",
-        "--trainer.progress_bar",
-        "false",
-        "--monitor.every_n_epochs",
-        "0",
-        "--monitor.spectrum_every_n_steps",
-        "0",
+        *QUIET,
     ]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     assert main(["pretrain", *args, "--trainer.out_dir", str(run_a)]) == 0

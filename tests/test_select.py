@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from cli_args import BATCHED_IN_MEMORY, TINY_MMCR
+from cli_args import BATCHED_IN_MEMORY, QUIET, TINY_MMCR
 from conftest import make_cifar_slice
 from torch.utils.data import DataLoader
 
@@ -23,14 +23,7 @@ RUN_ARGS = [
     *BATCHED_IN_MEMORY,
     "--optim.lr",
     "0.01",
-    "--trainer.logger",
-    "none",
-    "--trainer.progress_bar",
-    "false",
-    "--monitor.every_n_epochs",
-    "0",
-    "--monitor.spectrum_every_n_steps",
-    "0",
+    *QUIET,
     "--trainer.max_epochs",
     "5",
     "--trainer.max_steps",

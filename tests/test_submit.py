@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from cli_args import BATCHED_IN_MEMORY, TINY_MMCR
+from cli_args import BATCHED_IN_MEMORY, QUIET, TINY_MMCR
 
 from selfsup.cli import main
 from selfsup.submit import PretrainJob, SubmitOptions, SubmitParser, job_arguments
@@ -33,14 +33,7 @@ TINY = [
     "2",
     "--trainer.save_every_n_steps",
     "1",
-    "--trainer.logger",
-    "none",
-    "--trainer.progress_bar",
-    "false",
-    "--monitor.every_n_epochs",
-    "0",
-    "--monitor.spectrum_every_n_steps",
-    "0",
+    *QUIET,
 ]
 
 
