@@ -82,3 +82,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vit_ckpt(tmp_path_factory, cifar_slice) -> Path:
+    """``last.ckpt`` of a 1-epoch tiny ViT MMCR run on 40 real images (once per test module)."""
+    from cli_args import tiny_vit_pretrain
+
+    return tiny_vit_pretrain(tmp_path_factory.mktemp("vit") / "run", cifar_slice)

@@ -8,24 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_args import BATCHED_IN_MEMORY, TINY_MMCR
+from cli_args import TINY_RUN, StopCommand, tiny_pretrain
 
 from selfsup.cli import main
-
-TINY = [
-    *TINY_MMCR,
-    "--data.dataset",
-    "cifar10",
-    "--data.batch_size",
-    "20",
-    *BATCHED_IN_MEMORY,
-    "--trainer.logger",
-    "none",
-    "--trainer.progress_bar",
-    "false",
-    "--monitor.every_n_epochs",
-    "0",
-]
 
 
 def test_typo_on_command_line_is_named(capsys):
@@ -43,7 +28,7 @@ def test_typo_in_yaml_is_named(tmp_path, capsys):
 def test_unknown_backbone_is_named(tmp_path, cifar_slice, capsys):
     args = [
         "pretrain",
-        *TINY,
+        *TINY_RUN,
         "--data.root",
         str(cifar_slice),
         "--method.init_args.backbone.name",
@@ -58,7 +43,7 @@ def test_unknown_backbone_is_named(tmp_path, cifar_slice, capsys):
 
 def test_missing_dataset_path_is_named(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "cifar.zip"
-    args = ["pretrain", *TINY, "--data.root", str(missing), "--trainer.out_dir", str(tmp_path / "run")]
+    args = ["pretrain", *TINY_RUN, "--data.root", str(missing), "--trainer.out_dir", str(tmp_path / "run")]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert f"dataset root '{missing}' does not exist" in err and "cifar-10-batches-py" not in err  # the file itself
@@ -88,7 +73,7 @@ def test_wrong_checkpoints_are_named(tmp_path, capsys):
 def test_nan_loss_stops_with_a_clear_error(tmp_path, cifar_slice, capsys):
     args = [
         "pretrain",
-        *TINY,
+        *TINY_RUN,
         "--data.root",
         str(cifar_slice),
         "--optim.name",
@@ -109,7 +94,7 @@ def test_resume_with_a_different_backbone_is_refused(tmp_path, cifar_slice, caps
     run = tmp_path / "run"
     base = [
         "pretrain",
-        *TINY,
+        *TINY_RUN,
         "--data.root",
         str(cifar_slice),
         "--data.subset",
@@ -146,7 +131,7 @@ def test_per_image_views_from_a_zip_with_loader_workers(tmp_path, cifar_slice):
     run = tmp_path / "run"
     args = [
         "pretrain",
-        *TINY,
+        *TINY_RUN,
         "--data.root",
         str(cifar_slice),
         "--data.view_mode",
@@ -186,7 +171,7 @@ def test_augment_overrides_apply_and_typos_are_named(tmp_path, cifar_slice, caps
     assert [p.blur_p for p in pipes] == [1.0, 0.1]  # the rest of the preset is untouched
     args = [
         "pretrain",
-        *TINY,
+        *TINY_RUN,
         "--data.root",
         str(cifar_slice),
         "--data.augment_overrides",
@@ -199,33 +184,6 @@ def test_augment_overrides_apply_and_typos_are_named(tmp_path, cifar_slice, caps
 
 
 # ------------------------------------------------------------------------------------ bad files, devices
-class _Stop(Exception):
-    """Raised by a fake to end a command once it has shown what it needed to."""
-
-
-def tiny_pretrain(run: Path, root: Path, *extra: str) -> Path:
-    """``last.ckpt`` of a 1-epoch run of a width-8 ResNet-10 on 40 images of ``root``."""
-    assert (
-        main(
-            [
-                "pretrain",
-                *TINY,
-                "--data.root",
-                str(root),
-                "--data.subset",
-                "40",
-                "--trainer.max_epochs",
-                "1",
-                "--trainer.out_dir",
-                str(run),
-                *extra,
-            ]
-        )
-        == 0
-    )
-    return run / "checkpoints" / "last.ckpt"
-
-
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, cifar_slice) -> Path:
     return tiny_pretrain(tmp_path_factory.mktemp("tiny") / "run", cifar_slice)
@@ -258,10 +216,17 @@ def test_corrupt_image_is_one_line_naming_the_member(tmp_path, cifar_slice, tiny
         ["knn", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "0"],
         ["knn", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "2"],  # raised in a worker
         ["linear", "--checkpoint", ckpt, "--data.root", str(bad), "--data.num_workers", "0", "--epochs", "1"],
-        ["pretrain", *TINY, "--data.root", str(bad), "--trainer.out_dir", str(tmp_path / "run1")],  # in-memory decode
         [
             "pretrain",
-            *TINY,
+            *TINY_RUN,
+            "--data.root",
+            str(bad),
+            "--trainer.out_dir",
+            str(tmp_path / "run1"),
+        ],  # in-memory decode
+        [
+            "pretrain",
+            *TINY_RUN,
             "--data.root",
             str(bad),
             "--trainer.out_dir",
@@ -300,7 +265,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, capsys)
             ["knn", "--checkpoint", str(path), "--data.dataset", "demo"],
             ["linear", "--checkpoint", str(path), "--data.dataset", "demo"],
             ["export", "--checkpoint", str(path), "--out", str(tmp_path / "exp")],
-            ["pretrain", *TINY, "--trainer.out_dir", str(tmp_path / "run"), "--trainer.resume", str(path)],
+            ["pretrain", *TINY_RUN, "--trainer.out_dir", str(tmp_path / "run"), "--trainer.resume", str(path)],
         ):
             if name.endswith(".safetensors") and argv[0] == "pretrain":
                 continue
@@ -321,11 +286,11 @@ def test_eval_moves_the_backbone_to_the_device(argv, tiny_ckpt, monkeypatch):
 
     def fake_extract(backbone, loader, device="cpu", **kwargs):
         seen.append((next(backbone.parameters()).device, torch.device(device)))
-        raise _Stop
+        raise StopCommand
 
     monkeypatch.setattr(features, "extract_features", fake_extract)
     monkeypatch.setattr(linear, "extract_features", fake_extract)
-    with pytest.raises(_Stop):
+    with pytest.raises(StopCommand):
         cli.COMMANDS[argv[0]](
             [*argv[1:], "--checkpoint", str(tiny_ckpt), "--device", "meta", "--data.num_workers", "0"]
         )

@@ -11,7 +11,7 @@ import json
 
 import lightning as L
 import torch
-from test_cli import TINY
+from cli_args import TINY_RUN
 
 from selfsup.cli import main
 
@@ -20,7 +20,7 @@ def test_pretrain_ddp_two_processes_monitor_uses_the_whole_bank(tmp_path, cifar_
     run = tmp_path / "run"
     args = [
         "pretrain",
-        *TINY,
+        *TINY_RUN,
         "--data.root",
         str(cifar_slice),
         "--trainer.strategy",

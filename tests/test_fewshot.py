@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision.transforms.v2 as T
-from test_cli import TINY
+from cli_args import TINY_RUN
 
 from selfsup.cli import main, run_pretrain
 from selfsup.data.build import build_eval_dataset
@@ -189,7 +189,7 @@ def monitored_run(tmp_path_factory, cifar_slice):
     run = tmp_path_factory.mktemp("fewshot") / "run"
     run_pretrain(
         [
-            *TINY,
+            *TINY_RUN,
             "--data.root",
             str(cifar_slice),
             "--data.subset",

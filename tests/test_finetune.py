@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import tiny_pretrain
+from cli_args import TINY_VIT, tiny_pretrain
 from torch.utils.data import DataLoader, Dataset
 
 from selfsup.cli import main
@@ -30,7 +30,7 @@ from selfsup.eval.linear import split_train_val
 from selfsup.eval.protocols import FINETUNE_PROTOCOLS, get_finetune_protocol, resolve_finetune
 from selfsup.models import build_backbone
 
-VIT = "{name: vit_tiny, kwargs: {img_size: 32, patch_size: 8, depth: 2}}"
+VIT = TINY_VIT
 
 #: a plain, deterministic regime: no augmentation, mixing, smoothing, decay or warm-up
 PLAIN = dict(
@@ -48,16 +48,6 @@ PLAIN = dict(
     augment="none",
     val_fraction=0.1,
 )
-
-
-def tiny_vit_pretrain(run: Path, root: Path) -> Path:
-    """``last.ckpt`` of a 1-epoch MMCR run of a 2-block ViT-Tiny (32 px, patch 8) on 40 images of ``root``."""
-    return tiny_pretrain(run, root, "--method.init_args.backbone", VIT)
-
-
-@pytest.fixture(scope="module")
-def vit_ckpt(tmp_path_factory, cifar_slice) -> Path:
-    return tiny_vit_pretrain(tmp_path_factory.mktemp("vit") / "run", cifar_slice)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_finetune import tiny_vit_pretrain
 from torch.utils.data import DataLoader
 
 from selfsup.cli import main
@@ -18,11 +16,6 @@ from selfsup.engine.optim import LARS
 from selfsup.eval import PROTOCOLS, extract_features, linear_probe_cached
 from selfsup.eval.pool import current_pool, set_global_pool
 from selfsup.models import build_backbone
-
-
-@pytest.fixture(scope="module")
-def vit_ckpt(tmp_path_factory, cifar_slice) -> Path:
-    return tiny_vit_pretrain(tmp_path_factory.mktemp("vit") / "run", cifar_slice)
 
 
 def test_preset_holds_mae_main_linprobe_values():

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from test_mae_linprobe import vit_ckpt  # noqa: F401  (module fixture: a tiny pretrained ViT checkpoint)
 
 from selfsup.cli import main
 from selfsup.eval import PROTOCOLS
@@ -66,7 +65,7 @@ def test_dino_protocols_hold_the_official_values():
     assert PROTOCOLS["barlow-imagenet"].probe.lrs == (0.3,) and PROTOCOLS["vicreg-imagenet"].probe.lrs == (0.02,)
 
 
-def test_knn_dino_protocol_and_linear_last4_through_the_cli(vit_ckpt, tmp_path):  # noqa: F811
+def test_knn_dino_protocol_and_linear_last4_through_the_cli(vit_ckpt, tmp_path):
     common = ["--checkpoint", str(vit_ckpt), "--data.in_memory", "true", "--data.num_workers", "0", "--device", "cpu"]
     out = tmp_path / "knn.json"
     assert main(["knn", *common, "--protocol", "dino", "--pool", "token+avg", "--output", str(out)]) == 0

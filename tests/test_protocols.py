@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import _Stop, tiny_pretrain
+from cli_args import StopCommand, tiny_pretrain
 
 from selfsup.cli import _pretrain_parser, main, run_linear
 from selfsup.eval import PROTOCOLS, ProbeConfig, ProbeResult, get_protocol
@@ -198,10 +198,10 @@ def _probe_augment(monkeypatch, argv):
 
     def fake(cfg, split, augment=None):
         captured.update(cfg=cfg, split=split, augment=augment)
-        raise _Stop
+        raise StopCommand
 
     monkeypatch.setattr(build, "train_augmented_dataset", fake)
-    with pytest.raises(_Stop):
+    with pytest.raises(StopCommand):
         run_linear(argv)
     assert captured["augment"] is None
     return build.train_pipelines(captured["cfg"])[0]
