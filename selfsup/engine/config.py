@@ -190,6 +190,12 @@ class TrainerConfig:
         progress_bar: ``auto`` (a tqdm bar on a terminal, else one complete line per ``log_every_n_steps``:
             :mod:`selfsup.engine.progress`), ``bar`` / ``true``, ``lines``, ``none`` / ``false``.
         accumulate_grad_batches: gradient accumulation (the loss still sees one step's batch).
+        compile: compile the training step with ``torch.compile`` (inductor): ``false`` (default), ``true`` (mode
+            ``default``) or a mode, ``default`` / ``reduce-overhead`` / ``max-autotune`` /
+            ``max-autotune-no-cudagraphs``. The method's trainable modules (backbone, projector, heads) are compiled
+            in place, so checkpoint keys, export, EMA teachers and resume are unchanged; the first step pays the
+            compilation (:func:`selfsup.engine.compile.compile_trainable_modules`). Needs a C++ compiler on CPU,
+            Triton on CUDA; where compilation is unavailable the run fails before training, naming what is missing.
     """
 
     out_dir: str = "runs/pretrain"
@@ -211,3 +217,4 @@ class TrainerConfig:
     log_every_n_steps: int = 20
     progress_bar: Union[bool, Literal["auto", "bar", "lines", "none"]] = "auto"
     accumulate_grad_batches: int = 1
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False

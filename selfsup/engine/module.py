@@ -4,8 +4,8 @@ It owns what is generic: views (made by one call, :meth:`SelfSupModule.make_view
 also call), the :class:`~selfsup.methods.base.Batch` the method receives, the method's keyed random
 stream, optimiser parameter groups and the per-step schedule, the non-finite-loss check, logging, the
 teachers' EMA step, and what a checkpoint carries beyond Lightning's own state (format version, backbone
-spec and where each declared backbone lives in the state dict, RNG states). The method owns the model
-and the loss.
+spec and where each declared backbone lives in the state dict, RNG states), and the compiled training step
+(``trainer.compile``: :func:`compile_trainable_modules`). The method owns the model and the loss.
 """
 
 from __future__ import annotations
@@ -15,16 +15,18 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from selfsup.data.keyed import key_seed
 from selfsup.data.multicrop import ViewGroups, split_views
 from selfsup.engine.checkpoint import CHECKPOINT_KEY, FORMAT, check_compatible, upgrade_checkpoint
+from selfsup.engine.compile import TrainingCompiled, check_compile_available, compile_mode, compile_trainable_modules
 from selfsup.engine.config import OptimConfig
 from selfsup.engine.optim import build_optimizer, build_scheduler, method_param_groups, scaled_lr
 from selfsup.methods.base import Batch, EpochExamples, Method
@@ -51,6 +53,8 @@ class SelfSupModule(L.LightningModule):
         seed: run seed.
         channels_last: feed NHWC tensors.
         meta: JSON-able facts stored in every checkpoint under ``"selfsup"`` (config, dataset...).
+        compile: ``trainer.compile``: ``False``, ``True`` or a ``torch.compile`` mode. The method's trainable modules
+            are compiled in place when the fit starts, on every process (:func:`compile_trainable_modules`).
     """
 
     def __init__(
@@ -62,8 +66,12 @@ class SelfSupModule(L.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
         meta: Optional[dict] = None,
+        compile: Union[bool, str] = False,
     ):
         super().__init__()
+        self.compile_mode = compile_mode(compile)  # None: eager
+        self.compiled_modules: list[str] = []  # names of the method's children compiled (set when the fit starts)
+        self._compile_checked = False
         self.method = method
         self.optim_cfg = optim
         self.view_maker = view_maker
@@ -93,6 +101,18 @@ class SelfSupModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.method.bind_view_maker(self.make_views if self.view_maker is not None else None)
+        if self.compile_mode is not None:
+            # Here, on every process, after the strategy moved the model, converted SyncBatchNorm and wrapped it in
+            # DDP (a module compiled before a spawn would lose it: nn.Module pickles without its compiled call).
+            # The graphs are captured at the first training step, inside DDP's forward, where dynamo sees the DDP
+            # module (its DDP optimiser, torch._dynamo.config.optimize_ddp, splits graphs at the gradient buckets).
+            check_compile_available(self.device)
+            self.compiled_modules = compile_trainable_modules(self.method, self.compile_mode)
+            self._compile_checked = False
+            rank_zero_info(
+                f"trainer.compile: compiling {', '.join(self.compiled_modules) or 'nothing'} of "
+                f"{type(self.method).__name__} (mode {self.compile_mode}); the first training step compiles them"
+            )
 
     # ------------------------------------------------------------------------------ planned epochs
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -192,6 +212,9 @@ class SelfSupModule(L.LightningModule):
             raise FloatingPointError(
                 f"non-finite values at step {step}, epoch {self.current_epoch}: {e}; {hint}"
             ) from e
+        if self.compiled_modules and not self._compile_checked:
+            self._compile_checked = True
+            self._warn_uncalled_compiled_modules()
         embeddings = out.pop("embeddings", None)  # spectrum seam: name -> detached tensors, never a logged scalar
         loss, logs = training_logs(out, type(self.method).__name__)
         if not torch.isfinite(loss):
@@ -205,6 +228,18 @@ class SelfSupModule(L.LightningModule):
         if embeddings:
             return {"loss": loss, "embeddings": embeddings}
         return loss
+
+    def _warn_uncalled_compiled_modules(self) -> None:
+        idle = []
+        for name in self.compiled_modules:
+            call = getattr(self.method.get_submodule(name), "_compiled_call_impl", None)
+            if isinstance(call, TrainingCompiled) and call.calls == 0:
+                idle.append(name)
+        if idle:
+            rank_zero_warn(
+                f"trainer.compile: the training step of {type(self.method).__name__} calls only submodules of "
+                f"{', '.join(idle)}, never the whole module, so that part runs eagerly (no speed-up from compiling it)"
+            )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """After the backward pass, before the step (gradients unscaled): clip (``optim.clip_grad``), drop the

@@ -21,6 +21,7 @@ from selfsup.data.rounds import EpochPlan, IndexOnly, RoundSampler, rank_example
 from selfsup.data.sampler import ShardedEpochSampler
 from selfsup.engine.callbacks import KNNMonitor
 from selfsup.engine.checkpoint import AtomicCheckpointIO, check_compatible, resolve_resume
+from selfsup.engine.compile import check_compile_available, compile_mode
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
 from selfsup.engine.loggers import build_logger
 from selfsup.engine.module import SelfSupModule
@@ -200,6 +201,11 @@ def pretrain(
 
     The run directory gets ``config.yaml``-equivalent ``config.json``, ``checkpoints/``, ``logs/`` and, with the
     spectrum monitor on, ``spectrum.jsonl``.
+
+    With ``trainer.compile`` the method's trainable modules are compiled in place when the fit starts, on every
+    process, after the strategy has wrapped the model (DDP); the graphs are captured at the first training step
+    (:func:`selfsup.engine.compile.compile_trainable_modules`). Where compilation is unavailable the run fails before
+    training starts.
     """
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     warnings.filterwarnings(
@@ -207,6 +213,7 @@ def pretrain(
     )  # kNN is reduced already
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")  # SelfSupData resumes it
+    compile_mode(trainer.compile)  # a misspelt mode fails before any work
     out = Path(trainer.out_dir)
     ckpt_path = resolve_resume(out, trainer.resume)  # fails before any work when the run dir is taken
     L.seed_everything(trainer.seed, workers=True, verbose=False)
@@ -238,6 +245,7 @@ def pretrain(
         seed=trainer.seed,
         channels_last=trainer.channels_last,
         meta=meta,
+        compile=trainer.compile,
     )
     if ckpt_path is not None:
         _check_resumable(ckpt_path, module)
@@ -358,6 +366,8 @@ def pretrain(
         limit_val_batches=0,
         plugins=[AtomicCheckpointIO()],
     )
+    if module.compile_mode is not None:  # fail before anything is written (checked again on every process)
+        check_compile_available(pl_trainer.strategy.root_device)
     if pl_trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         name = "config.json" if ckpt_path is None else time.strftime("config-resume-%Y%m%d-%H%M%S.json")
