@@ -51,7 +51,7 @@ from selfsup.data.rounds import RoundSampler, rank_examples, steps_per_epoch
 from selfsup.data.sampler import ShardedEpochSampler
 from selfsup.engine.config import MonitorConfig, TrainerConfig
 from selfsup.engine.module import EPOCH_MICRO, STREAM_METHOD, STREAM_VIEWS, clip_gradients
-from selfsup.engine.optim import build_optimizer, build_scheduler, method_param_groups, scaled_lr
+from selfsup.engine.optim import build_scheduler, optimizer_from_config
 from selfsup.engine.pretrain import pretrain
 from selfsup.methods import Batch, available_methods, get_method
 from selfsup.methods.base import EpochExamples
@@ -236,22 +236,10 @@ def bare_rate(method, spec, images, labels, steps: int, warmup: int, device: str
 
     plan = method.epoch_plan()
     spe = steps_per_epoch(plan, batch) if plan is not None else n // batch
-    lr = scaled_lr(optim.lr, batch, rule=optim.scale_lr)
-    groups = method_param_groups(method, lr, optim.weight_decay, optim.exclude_1d or optim.name == "lars")
-    opt = build_optimizer(
-        groups,
-        optim.name,
-        lr=lr,
-        weight_decay=optim.weight_decay,
-        momentum=optim.momentum,
-        betas=tuple(optim.betas),
-        eta=optim.eta,
-    )
+    opt, _ = optimizer_from_config(method, optim, batch)
     sched = build_scheduler(
         opt, total, min(total, round(optim.warmup_epochs * spe)), optim.final_lr_ratio, optim.schedule
     )
-    for group in opt.param_groups:
-        group["base_weight_decay"] = group["weight_decay"]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
 

@@ -28,7 +28,7 @@ from selfsup.data.multicrop import ViewGroups, split_views
 from selfsup.engine.checkpoint import CHECKPOINT_KEY, FORMAT, check_compatible, upgrade_checkpoint
 from selfsup.engine.compile import TrainingCompiled, check_compile_available, compile_mode, compile_trainable_modules
 from selfsup.engine.config import OptimConfig
-from selfsup.engine.optim import build_optimizer, build_scheduler, method_param_groups, scaled_lr
+from selfsup.engine.optim import build_scheduler, optimizer_from_config
 from selfsup.methods.base import Batch, EpochExamples, Method
 from selfsup.schedules import cosine
 
@@ -281,22 +281,11 @@ class SelfSupModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        lr = scaled_lr(cfg.lr, self.global_batch_size(int(self.meta.get("batch_size", 1))), rule=cfg.scale_lr)
-        groups = method_param_groups(self.method, lr, cfg.weight_decay, cfg.exclude_1d or cfg.name == "lars")
-        optimizer = build_optimizer(
-            groups,
-            cfg.name,
-            lr=lr,
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum,
-            betas=tuple(cfg.betas),
-            eta=cfg.eta,
-        )
+        batch = self.global_batch_size(int(self.meta.get("batch_size", 1)))
+        optimizer, lr = optimizer_from_config(self.method, cfg, batch)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(total, round(cfg.warmup_epochs * self._steps_per_epoch()))
         scheduler = build_scheduler(optimizer, total, warmup, cfg.final_lr_ratio, cfg.schedule)
-        for group in optimizer.param_groups:  # the weight-decay schedule (optim.weight_decay_end) scales from these
-            group["base_weight_decay"] = group["weight_decay"]
         self.meta["peak_lr"] = lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

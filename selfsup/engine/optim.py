@@ -290,6 +290,27 @@ def build_optimizer(
 # ------------------------------------------------------------------ lr and schedules
 
 
+def optimizer_from_config(method: nn.Module, cfg: Any, global_batch: int) -> tuple[Optimizer, float]:
+    """The optimiser a run with ``cfg`` (an :class:`~selfsup.engine.config.OptimConfig`) builds for ``method`` at
+    ``global_batch`` images per step, and its peak lr: ``cfg.lr`` scaled by ``cfg.scale_lr``, the method's parameter
+    groups (1-D parameters without weight decay when ``exclude_1d`` or LARS), ``base_weight_decay`` recorded in each
+    group for the weight-decay schedule. The engine and the benches build it here, so they cannot drift apart."""
+    lr = scaled_lr(cfg.lr, global_batch, rule=cfg.scale_lr)
+    groups = method_param_groups(method, lr, cfg.weight_decay, cfg.exclude_1d or cfg.name == "lars")
+    opt = build_optimizer(
+        groups,
+        cfg.name,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        betas=tuple(cfg.betas),
+        eta=cfg.eta,
+    )
+    for group in opt.param_groups:  # the weight-decay schedule (optim.weight_decay_end) scales from these
+        group["base_weight_decay"] = group["weight_decay"]
+    return opt, lr
+
+
 def scaled_lr(base_lr: float, global_batch: int, reference: int = 256, rule: str = "linear") -> float:
     """Learning rate scaled with the global batch size.
 
