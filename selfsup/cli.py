@@ -263,7 +263,9 @@ def _demo_parser() -> ArgumentParser:
         description="Pretrain MMCR on the CIFAR-10 sample shipped in the package and evaluate it.", exit_on_error=False
     )
     p.add_argument("--out_dir", type=Optional[str], default=None, help="default: runs/demo-<time>")
-    p.add_argument("--epochs", type=int, default=10)
+    from selfsup.demo import DEMO_EPOCHS
+
+    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
     p.add_argument(
         "--progress_bar",
         type=Union[bool, Literal["auto", "bar", "lines", "none"]],
