@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_args import BATCHED_IN_MEMORY
 
 from selfsup.cli import main
 from selfsup.engine.compile import COMPILE_MODES, TrainingCompiled, compile_mode, compile_trainable_modules
@@ -41,14 +42,7 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
         "80",
         "--data.batch_size",
         "20",
-        "--data.views",
-        "2",
-        "--data.view_mode",
-        "batched",
-        "--data.in_memory",
-        "true",
-        "--data.num_workers",
-        "0",
+        *BATCHED_IN_MEMORY,
         "--optim.name",
         "sgd",
         "--optim.lr",
