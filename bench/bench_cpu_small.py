@@ -63,7 +63,9 @@ def evaluate(backbone, data, linear: bool) -> dict:
     return out
 
 
-def _instantiate(recipe: str, zip_path: str, overrides: list[str], runs_dir: str | None):
+def instantiate_recipe(recipe: str, zip_path: str, overrides: list[str], runs_dir: str | None):
+    """``(instantiated, config)`` of ``recipe`` on ``zip_path`` with ``overrides`` (kNN monitor off; the run directory
+    a fresh one under ``runs_dir``), seeded with the recipe's seed: what every bench here trains from."""
     import lightning as L
 
     from selfsup.cli import _pretrain_parser
@@ -88,7 +90,8 @@ def _instantiate(recipe: str, zip_path: str, overrides: list[str], runs_dir: str
     return parser.instantiate(cfg), cfg
 
 
-def _state_digest(module: torch.nn.Module) -> float:
+def state_digest(module: torch.nn.Module) -> float:
+    """The sum of a module's floating-point state: equal digests, the same random init."""
     return float(sum(p.double().sum() for p in module.state_dict().values() if p.is_floating_point()))
 
 
@@ -116,8 +119,8 @@ def main() -> None:
     rows, randoms, results = [], [], {}
     for name in args.recipes:
         recipe = recipe_path(name)
-        init, cfg = _instantiate(recipe, args.zip, overrides, args.runs_dir)
-        digest = _state_digest(init.method.backbone)
+        init, cfg = instantiate_recipe(recipe, args.zip, overrides, args.runs_dir)
+        digest = state_digest(init.method.backbone)
         ref = next((r for r in randoms if abs(digest - r["digest"]) < 1e-6 * max(1.0, abs(r["digest"]))), None)
         if ref is None:
             t0 = time.time()

@@ -136,7 +136,7 @@ class TrainTimer(L.Callback):
 def quality(args) -> dict:
     """IMLE for its recipe's epochs; then the MAE arm for as many epochs as fit in the same training time (timed
     on a 4-epoch probe run of the arm, in this process, on this machine's current load)."""
-    from bench_cpu_small import _instantiate, _state_digest
+    from bench_cpu_small import instantiate_recipe, state_digest
 
     from selfsup.data.build import build_train_views
     from selfsup.data.rounds import steps_per_epoch
@@ -157,7 +157,7 @@ def quality(args) -> dict:
     for name, recipe, extra in runs:
         path = str(ROOT / "recipes" / recipe)
         if extra is None:  # the MAE arm: as many epochs as the IMLE run's training time allows
-            probe, _pcfg = _instantiate(
+            probe, _pcfg = instantiate_recipe(
                 path,
                 args.zip,
                 ["--trainer.max_epochs", "4", "--monitor.recon_every_n_epochs", "0", "--trainer.logger", "none"],
@@ -180,10 +180,10 @@ def quality(args) -> dict:
                 flush=True,
             )
             extra = ["--trainer.max_epochs", str(epochs), "--optim.warmup_epochs", str(max(1, epochs // 10))]
-        init, cfg = _instantiate(path, args.zip, ["--monitor.recon_every_n_epochs", "0", *extra], args.runs_dir)
+        init, cfg = instantiate_recipe(path, args.zip, ["--monitor.recon_every_n_epochs", "0", *extra], args.runs_dir)
         if train_ds is None:
             train_ds, _ = build_train_views(init.data, seed=cfg.trainer.seed)  # decoded once for every run
-        digest = _state_digest(init.method.backbone)
+        digest = state_digest(init.method.backbone)
         if digest0 is None:
             digest0 = digest
             t0 = time.time()

@@ -30,13 +30,20 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bench():
+def _load_bench():
     spec = importlib.util.spec_from_file_location("bench_peers", BENCH)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.modules["bench_peers"] = module
+    spec.loader.exec_module(module)  # puts bench/ on sys.path: peerbench (lightly's side) imports without lightly
     return module
+
+
+BENCH_MODULE = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return BENCH_MODULE
 
 
 def _run(bench, cifar_slice: Path, tmp_path: Path, methods: list[str], sides: list[str], *extra: str) -> dict:
@@ -85,6 +92,8 @@ def test_selfsup_side_knn_table_and_json_without_lightly(bench, cifar_slice, tmp
 
 
 def test_harness_pieces(bench):
+    from peerbench.loop import recipe_param_groups  # lightly's side, importable without lightly
+
     clock = bench.StepClock()
     clock.ends = [10.0, 11.0, 12.0, 13.0, 15.0]  # step ends; the first step (setup, first batch) is left out
     assert clock.seconds_per_step(1) == (5.0 / 4, 4) and clock.seconds_per_step(3) == (1.5, 2)
@@ -110,12 +119,12 @@ def test_harness_pieces(bench):
         {"name": "net", "params": list(net.named_parameters()), "lr_mult": 0.5},
         {"name": "head", "params": list(head.named_parameters()), "fixed_lr": True},
     ]
-    groups = {g["name"]: g for g in bench.recipe_param_groups(spec, optim, 256, set())}
+    groups = {g["name"]: g for g in recipe_param_groups(spec, optim, 256, set())}
     assert [p.shape for p in groups["net"]["params"]] == [(4, 4)] and groups["net"]["weight_decay"] == 0.05
     assert len(groups["net/no_decay"]["params"]) == 4 and groups["net/no_decay"]["weight_decay"] == 0.0
     assert groups["net"]["peak_lr"] == pytest.approx(0.05) and groups["head"]["fixed_lr"]
     optim.exclude_1d = False
-    assert [g["name"] for g in bench.recipe_param_groups(spec, optim, 256, set())] == ["net", "head"]
+    assert [g["name"] for g in recipe_param_groups(spec, optim, 256, set())] == ["net", "head"]
 
 
 def test_lightly_side(bench, cifar_slice, tmp_path):
@@ -156,3 +165,33 @@ def test_lightly_side(bench, cifar_slice, tmp_path):
     ]
     payload = bench.main(argv)
     assert "swav" not in payload["results"] and "queue" in payload["skipped"]["swav"]
+
+
+@pytest.mark.parametrize("name", BENCH_MODULE.METHODS)
+def test_every_lightly_builder_trains(name, cifar_slice, tmp_path):
+    """Every registered lightly-side builder (``bench/peerbench``), on its shipped cpu-small recipe (its heads, which
+    lightly's heads must be able to express) with the backbone shrunk (ResNet width 8, ViT depth 1): lightly's
+    transform, loader, loss and the plain loop train 2 steps on real images, the backbone's weights move, and the
+    record names lightly's components and the settings that differ. Derived from the registry: a new builder is
+    covered without editing this test."""
+    pytest.importorskip("lightly", reason='lightly is a bench-only dependency: pip install -e ".[bench]"')
+    import yaml
+    from peerbench import train_peer
+
+    from selfsup.recipes import RECIPES_DIR
+
+    recipe = BENCH_MODULE.recipe_path(name)
+    assert Path(recipe).parent == RECIPES_DIR
+    spec = yaml.safe_load(Path(recipe).read_text())["method"]["init_args"]["backbone"]
+    small = {"width": 8} if spec["name"].startswith("resnet") else {"depth": 1}
+    backbone_arg = json.dumps({"name": spec["name"], "kwargs": {**spec.get("kwargs", {}), **small}})
+    overrides = ["--data.batch_size", "8", "--trainer.logger", "none", "--trainer.progress_bar", "none"]
+    overrides += ["--method.init_args.backbone", backbone_arg]
+    init, cfg = BENCH_MODULE.instantiate_recipe(recipe, str(cifar_slice), overrides, str(tmp_path))
+    backbone = init.method.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if v.is_floating_point()}
+    trained, rec = train_peer(name, cfg, backbone, 2, 1, 0, False, log_every=0)
+    assert trained is backbone and rec["steps"] == 2 and rec["timed_steps"] == 1 and rec["seconds_per_step"] > 0
+    moved = [k for k, v in trained.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert moved, f"lightly's {name}: no backbone weight changed in 2 steps"
+    assert rec["components"] and rec["differences"] and rec["precision"] == "32-true"
