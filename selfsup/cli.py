@@ -24,12 +24,13 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from selfsup.data.datasets import CorruptImageError
 from selfsup.engine.config import DataConfig, MonitorConfig, OptimConfig, TrainerConfig
-from selfsup.eval.protocols import finetune_protocol_names, protocol_names
+from selfsup.eval.finetune_protocols import finetune_protocol_names
+from selfsup.eval.protocols import protocol_names
 from selfsup.methods import Method
 
 #: A linear-probe protocol name, checked when the command line / recipe is parsed.
 ProtocolName = Literal[protocol_names()]  # type: ignore[valid-type]
-#: A fine-tune protocol name (selfsup.eval.protocols.FINETUNE_PROTOCOLS).
+#: A fine-tune protocol name (selfsup.eval.finetune_protocols.FINETUNE_PROTOCOLS).
 FinetuneProtocolName = Literal[finetune_protocol_names()]  # type: ignore[valid-type]
 WHICH_HELP = "online, a teacher the method declares (e.g. teacher), or momentum (the EMA copy of older checkpoints)"
 
@@ -616,7 +617,7 @@ def _finetune_parser() -> ArgumentParser:
         "--protocol",
         type=Optional[FinetuneProtocolName],
         default=None,
-        help="preset (selfsup.eval.protocols.FINETUNE_PROTOCOLS); default: fast",
+        help="preset (selfsup.eval.finetune_protocols.FINETUNE_PROTOCOLS); default: fast",
     )
     p.add_argument(
         "--amp",
@@ -640,8 +641,8 @@ def run_finetune(argv: list[str]) -> dict:
 
     from selfsup.eval.finetune import FinetuneConfig
     from selfsup.eval.finetune_data import finetune_on_data, prepare_backbone
+    from selfsup.eval.finetune_protocols import resolve_finetune
     from selfsup.eval.load import checkpoint_meta
-    from selfsup.eval.protocols import resolve_finetune
 
     cfg = _finetune_parser().parse_args(argv)
     _check_output_free(cfg.output)

@@ -26,8 +26,8 @@ from selfsup.eval.finetune import (
     lr_scales,
 )
 from selfsup.eval.finetune_data import finetune_datasets, prepare_backbone
+from selfsup.eval.finetune_protocols import FINETUNE_PROTOCOLS, get_finetune_protocol, resolve_finetune
 from selfsup.eval.linear import split_train_val
-from selfsup.eval.protocols import FINETUNE_PROTOCOLS, get_finetune_protocol, resolve_finetune
 from selfsup.models import build_backbone
 
 VIT = TINY_VIT

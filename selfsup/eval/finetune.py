@@ -2,7 +2,7 @@
 
 The protocol is MAE's ``main_finetune`` (spec-can-mae-imle §2.6), made to work for every backbone of
 the registry (timm ViTs and torchvision ResNets), plus MIN-MMCR's ``backbone+linear`` fine-tune
-(spec-mmcr-mec §5.2) as a preset; the named presets live in :mod:`selfsup.eval.protocols`.
+(spec-mmcr-mec §5.2) as a preset; the named presets live in :mod:`selfsup.eval.finetune_protocols`.
 Everything a run trains with is one :class:`FinetuneConfig`; :func:`finetune` runs it on datasets
 and returns a :class:`FinetuneResult`. Reading a checkpoint and building the datasets is
 :mod:`selfsup.eval.finetune_data`.
