@@ -303,3 +303,32 @@ def test_demo_asset():
         infos = zf.infolist()
     assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
     assert all(i.filename.startswith(("cifar10/train/", "cifar10/test/")) for i in infos)
+
+
+def test_keyed_dataset_seeds_only_what_draws_randomness(monkeypatch):
+    """In-memory uint8 images (batched view mode) are read without forking and seeding torch's RNG, through
+    ``Subset`` s, and give the same items as the seeded read; a transformed dataset is still keyed on
+    ``(seed, epoch, index)``."""
+    from selfsup.data.build import MapDataset
+    from selfsup.data.keyed import KeyedDataset, draws_randomness
+    from selfsup.data.memory import TensorImageDataset
+
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mem = TensorImageDataset(images, [0, 1, 2, 0, 1, 2])
+    noisy = MapDataset(mem, lambda x: x.float() + torch.rand(()))  # draws from torch's global RNG
+    assert not draws_randomness(mem) and not draws_randomness(Subset(Subset(mem, [1, 2, 3]), [0, 2]))
+    assert draws_randomness(noisy) and draws_randomness(Subset(noisy, [0]))
+
+    seeded = KeyedDataset(mem, seed=3)
+    seeded.keyed = True  # the seeded read, for comparison
+    expected = [seeded[(1, i)] for i in range(6)]
+    calls = []
+    real_fork = torch.random.fork_rng
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: calls.append(1) or real_fork(*a, **k))
+    fast = KeyedDataset(Subset(mem, list(range(6))), seed=3)
+    got = [fast[(1, i)] for i in range(6)]
+    assert calls == [] and all(torch.equal(g[0], e[0]) and g[1] == e[1] and g[2] == e[2] for g, e in zip(got, expected))
+
+    keyed = KeyedDataset(noisy, seed=3)
+    a, b, c = keyed[(1, 2)][0], keyed[(1, 2)][0], keyed[(2, 2)][0]
+    assert len(calls) == 3 and torch.equal(a, b) and not torch.equal(a, c)  # same key, same draw; other epoch, other

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["KeyedDataset", "PerImageViews", "key_seed"]
+__all__ = ["KeyedDataset", "PerImageViews", "draws_randomness", "key_seed"]
 
 
 def key_seed(*xs: int) -> int:
@@ -32,27 +32,41 @@ def key_seed(*xs: int) -> int:
     return h
 
 
+def draws_randomness(dataset: Dataset) -> bool:
+    """Whether ``dataset[i]`` may draw from torch's RNG: ``False`` only for a dataset (through ``Subset`` s) that
+    declares ``draws_randomness = False`` (the in-memory ``uint8`` images of batched view mode, no transform)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return bool(getattr(dataset, "draws_randomness", True))
+
+
 class KeyedDataset(Dataset):
     """``dataset[(epoch, i)] -> (sample, label, i)``, with torch's RNG seeded from ``(seed, epoch, i)``.
 
     The base dataset's transform (torchvision v2 transforms draw from torch's global RNG) therefore
     gives the same views for the same key in any process; the caller's RNG state is restored
-    afterwards. A plain integer key means epoch 0.
+    afterwards. A plain integer key means epoch 0. A base whose items draw nothing (:func:`draws_randomness`)
+    is read without the fork and seeding (~0.2 ms per item on a CPU, ~20 % of a 2-view batch-64 step's loader
+    time); its items are the same either way.
     """
 
     def __init__(self, base: Dataset, seed: int):
         self.base, self.seed = base, int(seed)
         self.classes = getattr(base, "classes", None)
         self.targets = getattr(base, "targets", None)
+        self.keyed = draws_randomness(base)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: Any) -> tuple[Any, Any, int]:
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(key_seed(self.seed, epoch, i))
+        if not self.keyed:  # nothing random to key
             item = self.base[i]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(key_seed(self.seed, epoch, i))
+                item = self.base[i]
         label = item[1] if len(item) > 1 else -1
         return item[0], label, int(i)
 

@@ -50,6 +50,9 @@ class TensorImageDataset(Dataset):
             classes = [str(i) for i in range(n)]
         self.classes: list[str] = list(classes)
 
+    #: ``dataset[i]`` is a plain read: nothing random (:class:`~selfsup.data.keyed.KeyedDataset` skips the seeding).
+    draws_randomness = False
+
     @classmethod
     def from_dataset(cls, dataset: Dataset, size: int | None = None, num_workers: int = 0) -> TensorImageDataset:
         """Decode ``dataset`` with :func:`load_uint8` and keep its ``classes``."""
