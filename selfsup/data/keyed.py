@@ -46,8 +46,8 @@ class KeyedDataset(Dataset):
     The base dataset's transform (torchvision v2 transforms draw from torch's global RNG) therefore
     gives the same views for the same key in any process; the caller's RNG state is restored
     afterwards. A plain integer key means epoch 0. A base whose items draw nothing (:func:`draws_randomness`)
-    is read without the fork and seeding (~0.2 ms per item on a CPU, ~20 % of a 2-view batch-64 step's loader
-    time); its items are the same either way.
+    is read without the fork and seeding (~0.2 ms per item on a 2-core CPU; a VICReg batch-64 step: 0.273 against
+    0.306 s); its items are the same either way.
     """
 
     def __init__(self, base: Dataset, seed: int):
