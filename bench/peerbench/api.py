@@ -95,3 +95,16 @@ def momentum_schedule(tau: float, final: Optional[float], total: int) -> Callabl
     from lightly.utils.scheduler import cosine_schedule
 
     return lambda step: tau if final is None else cosine_schedule(step, total, tau, final)
+
+
+def ema_hook(momentum: Callable[[int], float], *pairs: tuple[nn.Module, nn.Module]) -> Callable[[int], None]:
+    """A loop hook (``Peer.before_step`` / ``after_step``): at step ``s``, lightly's ``update_momentum(online, copy,
+    m=momentum(s))`` for each ``(online, copy)`` pair, as its examples update the momentum / teacher copies."""
+    from lightly.models.utils import update_momentum
+
+    def hook(step: int) -> None:
+        m = momentum(step)
+        for online, ema in pairs:
+            update_momentum(online, ema, m=m)
+
+    return hook

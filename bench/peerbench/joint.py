@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import Ctx, Peer, Unsupported, equal_hidden, frozen_copy, momentum_schedule, named, register
+from .api import Ctx, Peer, Unsupported, ema_hook, equal_hidden, frozen_copy, momentum_schedule, named, register
 from .transforms import aug_notes, crop_max_notes, two_view_transform, view_kwargs
 
 
@@ -48,7 +48,6 @@ def build_simclr(ctx: Ctx) -> Peer:
 def build_byol(ctx: Ctx) -> Peer:
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-    from lightly.models.utils import update_momentum
 
     proj, a = list(ctx.args["projector"]), ctx.args
     if len(proj) != 2:
@@ -63,11 +62,6 @@ def build_byol(ctx: Ctx) -> Peer:
     criterion = NegativeCosineSimilarity()
     momentum = momentum_schedule(a["tau"], a.get("final_tau", 1.0), ctx.total_steps)
     transform, tname, notes = two_view_transform(ctx)
-
-    def before_step(step):
-        m = momentum(step)
-        update_momentum(backbone, backbone_m, m=m)
-        update_momentum(head, head_m, m=m)
 
     def loss(batch, step, epoch):
         x0, x1 = batch[0]
@@ -96,7 +90,7 @@ def build_byol(ctx: Ctx) -> Peer:
             "optimiser step: one step apart",
             *notes,
         ],
-        before_step=before_step,
+        before_step=ema_hook(momentum, (backbone, backbone_m), (head, head_m)),
     )
 
 
@@ -104,7 +98,6 @@ def build_byol(ctx: Ctx) -> Peer:
 def build_mmcr(ctx: Ctx) -> Peer:
     from lightly.loss import MMCRLoss
     from lightly.models.modules import MMCRProjectionHead
-    from lightly.models.utils import update_momentum
     from lightly.transforms import MMCRTransform
 
     proj, a = list(ctx.args["projector"]), ctx.args
@@ -122,14 +115,10 @@ def build_mmcr(ctx: Ctx) -> Peer:
     tau = a.get("momentum_tau")
     if tau is not None:
         modules.update(backbone_m=frozen_copy(backbone), head_m=frozen_copy(head))
+        ema_pairs = ((backbone, modules["backbone_m"]), (head, modules["head_m"]))
     model = nn.ModuleDict(modules)
     criterion = MMCRLoss(lmda=a["lmbda"])
     transform = MMCRTransform(k=views, **view_kwargs(aug))
-
-    def before_step(step):
-        if tau is not None:
-            update_momentum(backbone, model["backbone_m"], m=tau)
-            update_momentum(head, model["head_m"], m=tau)
 
     def loss(batch, step, epoch):
         z = torch.stack([head(backbone(x)) for x in batch[0]], dim=1)  # [B, k, D], one pass per view
@@ -159,7 +148,7 @@ def build_mmcr(ctx: Ctx) -> Peer:
         [{"name": "all", "params": named(("backbone", backbone), ("head", head))}],
         ["MMCRProjectionHead", "MMCRLoss", "MMCRTransform"] + (["update_momentum"] if tau is not None else []),
         differences,
-        before_step=before_step,
+        **({} if tau is None else {"before_step": ema_hook(lambda step: tau, *ema_pairs)}),
     )
 
 
@@ -240,7 +229,6 @@ def build_vicreg(ctx: Ctx) -> Peer:
 def build_mocov3(ctx: Ctx) -> Peer:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import MoCoProjectionHead
-    from lightly.models.utils import update_momentum
 
     proj, a = list(ctx.args["projector"] or []), ctx.args
     if not proj:
@@ -258,11 +246,6 @@ def build_mocov3(ctx: Ctx) -> Peer:
     criterion = NTXentLoss(temperature=a["temperature"], memory_bank_size=0)
     momentum = momentum_schedule(a["tau"], a.get("final_tau"), ctx.total_steps)
     transform, tname, notes = two_view_transform(ctx)
-
-    def before_step(step):
-        m = momentum(step)
-        update_momentum(backbone, backbone_m, m=m)
-        update_momentum(head, head_m, m=m)
 
     def loss(batch, step, epoch):
         x0, x1 = batch[0]
@@ -293,7 +276,7 @@ def build_mocov3(ctx: Ctx) -> Peer:
             "EMA step at the start of each iteration (lightly's example); selfsup after the optimiser step",
             *notes,
         ],
-        before_step=before_step,
+        before_step=ema_hook(momentum, (backbone, backbone_m), (head, head_m)),
     )
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import Ctx, Peer, Unsupported, frozen_copy, momentum_schedule, named, register
+from .api import Ctx, Peer, Unsupported, ema_hook, frozen_copy, momentum_schedule, named, register
 from .transforms import aug_notes, dino_transform, normalize_kwargs, photometric_notes
 
 
@@ -110,7 +110,6 @@ def build_ibot(ctx: Ctx) -> Peer:
     from lightly.loss import DINOLoss, IBOTPatchLoss
     from lightly.models import utils
     from lightly.models.modules import DINOProjectionHead
-    from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import linear_warmup_schedule
 
     a, vit = ctx.args, ctx.backbone
@@ -201,11 +200,6 @@ def build_ibot(ctx: Ctx) -> Peer:
         patch_loss = ibot_criterion(t_masked, s_masked, mask=block_mask, teacher_temp=temp2)
         return lam1 * cls_loss + lam2 * patch_loss
 
-    def after_step(step):
-        m = momentum(step)
-        update_momentum(student, teacher, m=m)
-        update_momentum(head, teacher_head, m=m)
-
     return Peer(
         model,
         transform,
@@ -230,7 +224,7 @@ def build_ibot(ctx: Ctx) -> Peer:
             *notes,
         ],
         after_backward=lambda step, epoch: head.cancel_last_layer_gradients(epoch),
-        after_step=after_step,
+        after_step=ema_hook(momentum, (student, teacher), (head, teacher_head)),
     )
 
 

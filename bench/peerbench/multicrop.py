@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import Ctx, Peer, Unsupported, frozen_copy, momentum_schedule, named, register
+from .api import Ctx, Peer, Unsupported, ema_hook, frozen_copy, momentum_schedule, named, register
 from .transforms import aug_notes, dino_transform, jitter_kwargs, normalize_kwargs
 
 
@@ -15,7 +15,6 @@ from .transforms import aug_notes, dino_transform, jitter_kwargs, normalize_kwar
 def build_dino(ctx: Ctx) -> Peer:
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
-    from lightly.models.utils import update_momentum
 
     a = ctx.args
     if a["nlayers"] != 3:
@@ -54,11 +53,6 @@ def build_dino(ctx: Ctx) -> Peer:
         student_out = [head(backbone(v)) for v in views]
         return criterion(teacher_out, student_out, epoch=epoch)
 
-    def after_step(step):
-        m = momentum(step)
-        update_momentum(backbone, teacher_backbone, m=m)
-        update_momentum(head, teacher_head, m=m)
-
     return Peer(
         model,
         transform,
@@ -73,7 +67,7 @@ def build_dino(ctx: Ctx) -> Peer:
             *notes,
         ],
         after_backward=lambda step, epoch: head.cancel_last_layer_gradients(epoch),
-        after_step=after_step,
+        after_step=ema_hook(momentum, (backbone, teacher_backbone), (head, teacher_head)),
     )
 
 
